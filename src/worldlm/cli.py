@@ -1,0 +1,132 @@
+"""Command line: parse, load the config, call one function. Usage errors exit with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from worldlm.errors import WorldLMError
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from worldlm import config as C
+    from worldlm.data.prepare import prepare_recipe, prepare_sources
+    from worldlm.data.sources import SourceSpec
+    from worldlm.report import console
+
+    out = Path(args.out) if args.out else None
+    log = (lambda msg: None) if args.quiet else (lambda msg: console.print(f"[dim]prepare[/] {msg}"))
+    if args.recipe:
+        prepared = prepare_recipe(args.recipe, out or Path("data") / args.recipe, progress=log)
+    else:
+        if not args.config:
+            raise C.ConfigError("prepare needs --recipe languages|domains or a CONFIG with data.recipe/data.sources")
+        cfg = C.load_config(args.config, args.set)
+        target = out or Path(cfg.data.path)
+        if cfg.data.recipe:
+            prepared = prepare_recipe(cfg.data.recipe, target, vocab_size=cfg.data.vocab_size, seed=cfg.seed,
+                                      progress=log)
+        elif cfg.data.sources:
+            specs = {n: SourceSpec(s.path, s.format, s.field) for n, s in cfg.data.sources.items()}  # type: ignore[arg-type]
+            prepared = prepare_sources(specs, target, vocab_size=cfg.data.vocab_size, seed=cfg.seed, progress=log)
+        else:
+            raise C.ConfigError(f"{args.config} has neither data.recipe nor [data.sources.*]; nothing to prepare")
+    if not args.quiet:
+        from worldlm.report import print_prepared
+
+        print_prepared(prepared)
+    return 0
+
+
+def _out_dir(path: str | None, name: str, force: bool) -> Path:
+    out = Path(path) if path else Path("runs") / name
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise WorldLMError(f"run directory {out} already exists; pass --force to overwrite or --out elsewhere")
+        shutil.rmtree(out)
+    return out
+
+
+def _train(args: argparse.Namespace) -> int:
+    from worldlm import config as C
+    from worldlm.report import console, print_summary, progress_display
+    from worldlm.runners.local import run
+
+    cfg = C.load_config(args.config, args.set)
+    out = _out_dir(args.out, cfg.name, args.force)
+    with progress_display(quiet=args.quiet) as progress:
+        summary = run(cfg, out, progress)
+    if not args.quiet:
+        print_summary(summary)
+        console.print(f"run directory: {out}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from worldlm import config as C
+    from worldlm.report import compare_runs, console, progress_display
+    from worldlm.runners.local import run
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in C.METHODS]
+    if not methods or unknown:
+        raise C.ConfigError(f"--methods: unknown {', '.join(unknown) or '(empty)'}; valid: {', '.join(C.METHODS)}")
+    base = C.load_config(args.config, args.set)
+    root = _out_dir(args.out, base.name, args.force)
+    summaries = {}
+    for method in methods:
+        cfg = C.load_config(args.config, [*args.set, f"method={method}", f"name={base.name}-{method}"])
+        if not args.quiet:
+            console.rule(f"[bold]{method}")
+        with progress_display(quiet=args.quiet) as progress:
+            summaries[method] = run(cfg, root / method, progress)
+    compare_runs(summaries, root, quiet=args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="worldlm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
+        p.add_argument("config", nargs=None if config_required else "?", help="TOML config file")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set train.rounds=8 (repeatable)")
+        p.add_argument("--quiet", action="store_true", help="no progress display (CI)")
+
+    p = sub.add_parser("prepare", help="build a prepared dataset (offline recipe or your own sources)")
+    common(p, config_required=False)
+    p.add_argument("--recipe", choices=["languages", "domains"], help="offline corpus recipe")
+    p.add_argument("--out", help="output directory (default: data/<recipe> or the config's data.path)")
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("train", help="train one method on the configured tree; writes runs/<name>/")
+    common(p)
+    p.add_argument("--out", help="run directory (default: runs/<name>)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("compare", help="train several methods on the same tree and compare them")
+    common(p)
+    p.add_argument("--methods", default="worldlm,fl", help="comma-separated methods (default: worldlm,fl)")
+    p.add_argument("--out", help="directory for the runs and the comparison (default: runs/<name>)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing directory")
+    p.set_defaults(func=_compare)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except WorldLMError as exc:
+        print(f"worldlm: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("worldlm: interrupted", file=sys.stderr)
+        return 130

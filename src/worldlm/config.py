@@ -1,0 +1,300 @@
+"""Typed run configuration: TOML in, validated dataclasses out, `--set a.b=c` overrides.
+
+Every problem is reported as one `ConfigError` line naming the key and the fix (the CLI maps it to
+exit code 2). The resolved configuration is written back as TOML into the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from worldlm.errors import ConfigError
+
+METHODS = ("worldlm", "fl", "hierfavg", "fedper", "centralized", "local")
+SERVER_OPTS = ("fedavg", "fedavgm", "nesterov", "fedadam")
+
+
+@dataclass
+class SourceConfig:
+    """A user's own text source, prepared by `worldlm prepare CONFIG`."""
+
+    path: str = ""
+    format: str = "text"  # text | jsonl | parquet
+    field: str = "text"  # JSONL field / Parquet column holding the text
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/languages"  # a prepared directory (manifest.json, tokenizer.json, tokens/)
+    recipe: str = ""  # languages | domains: `worldlm prepare CONFIG` builds it at `path`
+    vocab_size: int = 8192
+    leaf_shards: int = 3  # paper A.2: a leaf gets 3 equal shards of each of its sources
+    inner_shards: int = 2  # ... every other level 2
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "nano"
+    seq_len: int = 128
+    key_blocks: int = -1  # -1: round(0.3 * n_layer) (paper: ~30% of blocks)
+
+
+@dataclass
+class TrainConfig:
+    rounds: int = 4
+    local_steps: int = 10  # steps per node per visit (every level); FL clients do levels x this
+    batch_size: int = 8
+    lr_max: float = 3e-3  # eta_max of the shared schedule
+    lr_alpha: float = 0.1  # schedule starts and ends at alpha * eta_max
+    warmup_steps: int = -1  # -1: 10% of the sequential steps
+    total_steps: int = -1  # T of the cosine; -1: the run's sequential steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    threads: int = 0  # torch intra-op threads; 0: all cores
+
+
+@dataclass
+class ServerOptSettings:
+    kind: str = "fedavgm"
+    lr: float = 1.0
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+
+@dataclass
+class FederationConfig:
+    nu: int = 1  # residuals per key position per inner node (paper: nu_K)
+    attention: bool = True  # False: uniform averaging of key layers (ablation)
+    route_to_origin: bool = False  # allow a residual to be routed back into the subtree it came from
+    sub_rounds: int = 1  # T_q: sub-rounds of a node per parent visit
+    server_opt: ServerOptSettings = field(default_factory=ServerOptSettings)
+
+
+@dataclass
+class EvalConfig:
+    batches: int = 8  # evaluation batches per node and split
+    batch_size: int = 16
+    every_round: bool = True  # validation perplexity after every round (test only at the end)
+
+
+@dataclass
+class NodeConfig:
+    name: str = ""
+    parent: str = ""  # empty: the root
+    sources: list[str] = field(default_factory=list)  # empty on an inner node: its subtree's sources
+    dp: bool = False  # reserved for differential privacy
+    server_opt: ServerOptSettings | None = None  # overrides federation.server_opt at this node
+
+
+@dataclass
+class TreeConfig:
+    nodes: list[NodeConfig] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    method: str = "worldlm"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tree: TreeConfig = field(default_factory=TreeConfig)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _suggest(key: str, valid: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(sorted(valid))})"
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert one TOML value against a dataclass field type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _convert(value, args[0], where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a table, got {type(value).__name__} {value!r}")
+        return _build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a table, got {type(value).__name__} {value!r}")
+        _, item = typing.get_args(tp)
+        return {str(k): _convert(v, item, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {where}")  # a bug in this file, not user input
+
+
+def _build(cls: Any, raw: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}'{_suggest(key, names)}")
+        kwargs[key] = _convert(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set expects KEY=VALUE (e.g. train.rounds=8), got '{item}'")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set has an empty key in '{item}'")
+    try:  # a TOML literal (number, bool, list, quoted string) ...
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:  # ... or a bare string
+        value = text
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item}: '{k}' is not a table")
+            node = nxt
+        node[keys[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read TOML (or start from defaults when path is None), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass a TOML file such as configs/demo.toml")
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p} is not valid TOML: {exc}") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config {p}: {exc}") from exc
+    cfg: Config = _build(Config, apply_overrides(raw, overrides), "")
+    validate(cfg)
+    return cfg
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _validate_server_opt(s: ServerOptSettings, where: str) -> None:
+    _check(s.kind in SERVER_OPTS, f"{where}.kind '{s.kind}' is unknown{_suggest(s.kind, SERVER_OPTS)}")
+    _check(s.lr > 0, f"{where}.lr must be > 0, got {s.lr}")
+    _check(0 <= s.momentum < 1, f"{where}.momentum must be in [0, 1), got {s.momentum}")
+    _check(0 <= s.beta1 < 1 and 0 <= s.beta2 < 1, f"{where}.beta1/beta2 must be in [0, 1)")
+    _check(s.tau > 0, f"{where}.tau must be > 0, got {s.tau}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks that types alone cannot express (the tree is checked in tree.py)."""
+    from worldlm.model import PRESETS  # model imports nothing from config at module level
+
+    _check(cfg.method in METHODS, f"method '{cfg.method}' is unknown{_suggest(cfg.method, METHODS)}")
+    _check(bool(cfg.name) and "/" not in cfg.name, f"name must be a non-empty string without '/', got '{cfg.name}'")
+    _check(cfg.model.preset in PRESETS, f"model.preset '{cfg.model.preset}' is unknown{_suggest(cfg.model.preset, PRESETS)}")
+    _check(cfg.model.seq_len >= 8, f"model.seq_len must be >= 8, got {cfg.model.seq_len}")
+    n_layer = PRESETS[cfg.model.preset].n_layer
+    _check(
+        -1 <= cfg.model.key_blocks < n_layer,
+        f"model.key_blocks must be -1 (auto) or in [0, {n_layer - 1}] for preset {cfg.model.preset}, "
+        f"got {cfg.model.key_blocks}",
+    )
+    t = cfg.train
+    for name in ("rounds", "local_steps", "batch_size"):
+        _check(getattr(t, name) >= 1, f"train.{name} must be >= 1, got {getattr(t, name)}")
+    _check(t.lr_max > 0, f"train.lr_max must be > 0, got {t.lr_max}")
+    _check(0 < t.lr_alpha <= 1, f"train.lr_alpha must be in (0, 1], got {t.lr_alpha}")
+    _check(t.warmup_steps >= -1 and t.total_steps >= -1, "train.warmup_steps/total_steps must be >= 0 or -1 (auto)")
+    _check(t.grad_clip >= 0 and t.weight_decay >= 0, "train.grad_clip and train.weight_decay must be >= 0")
+    _check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1/beta2 must be in [0, 1)")
+    _check(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
+    f = cfg.federation
+    _check(f.nu >= 0, f"federation.nu must be >= 0, got {f.nu}")
+    _check(f.sub_rounds >= 1, f"federation.sub_rounds must be >= 1, got {f.sub_rounds}")
+    _validate_server_opt(f.server_opt, "federation.server_opt")
+    for node in cfg.tree.nodes:
+        if node.server_opt is not None:
+            _validate_server_opt(node.server_opt, f"tree.nodes '{node.name}'.server_opt")
+    _check(cfg.eval.batches >= 1 and cfg.eval.batch_size >= 1, "eval.batches and eval.batch_size must be >= 1")
+    d = cfg.data
+    _check(d.leaf_shards >= 1 and d.inner_shards >= 1, "data.leaf_shards and data.inner_shards must be >= 1")
+    _check(256 < d.vocab_size <= 65535 * 4, f"data.vocab_size must be in (256, 262140], got {d.vocab_size}")
+    _check(d.recipe in ("", "languages", "domains"), f"data.recipe '{d.recipe}' is unknown (valid: languages, domains)")
+    for src_name, src in d.sources.items():
+        _check(src.format in ("text", "jsonl", "parquet"), f"data.sources.{src_name}.format must be text, jsonl or parquet")
+        _check(bool(src.path), f"data.sources.{src_name}.path is empty; give the file or folder holding its text")
+    _check(len(cfg.tree.nodes) >= 1, "tree.nodes is empty; describe at least one node ([[tree.nodes]] name = ...)")
+
+
+def key_blocks(cfg: Config) -> int:
+    """Resolved |K|: explicit, or round(0.3 * n_layer) (paper §3.2: ~30% of blocks)."""
+    from worldlm.model import PRESETS
+
+    if cfg.model.key_blocks >= 0:
+        return cfg.model.key_blocks
+    return round(0.3 * PRESETS[cfg.model.preset].n_layer)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    def strip_none(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {k: strip_none(v) for k, v in obj.items() if v is not None}
+        if isinstance(obj, list):
+            return [strip_none(v) for v in obj]
+        return obj
+
+    return typing.cast(dict[str, Any], strip_none(dataclasses.asdict(cfg)))
+
+
+def dumps(cfg: Config) -> str:
+    return tomli_w.dumps(to_dict(cfg))

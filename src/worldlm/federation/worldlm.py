@@ -1,0 +1,275 @@
+"""One global round of WorldLM (paper Algorithm 1, Appendix A.3) over a tree of any depth.
+
+Pure federation logic on flat parameter vectors: no model, no data, no I/O. Local training is
+delegated to a `NodeTrainer` (the runner owns models, AdamW states and data samplers); every
+observable decision (attention weights, residual moves, bytes on each edge) goes to an `emit`
+callback. Baselines are configurations of this same round (DESIGN §2):
+
+- HierFAVG: `key_blocks = 0` (everything is backbone);
+- FedPer: key layers never leave a node (`share_keys = False`);
+- FL: a flat tree (`tree.flat_tree`) without key layers;
+- centralized / local: single-node trees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from worldlm.federation.aggregation import (
+    aggregate_children_batched,
+    aggregate_with_parent_batched,
+    most_dissimilar_batched,
+    route_batched,
+)
+from worldlm.federation.server_opt import ServerOpt
+from worldlm.federation.tree import Tree
+
+Event = dict[str, object]
+Emit = Callable[[Event], None]
+BYTES_PER_VALUE = 4  # float32 on the wire
+
+
+@dataclass(frozen=True)
+class Split:
+    """Where the backbone and the key layers sit in a flat state vector (see model.ParamLayout)."""
+
+    backbone_size: int
+    key_blocks: int  # L
+    key_size: int  # D
+
+    def backbone(self, flat: Tensor) -> Tensor:
+        return flat[: self.backbone_size]
+
+    def keys(self, flat: Tensor) -> Tensor:
+        return flat[self.backbone_size :].view(self.key_blocks, self.key_size)  # [L, D]
+
+    def join(self, backbone: Tensor, keys: Tensor) -> Tensor:
+        return torch.cat([backbone.reshape(-1), keys.reshape(-1)])
+
+
+@dataclass(frozen=True)
+class Residual:
+    """A child's key layer at one position, picked as dissimilar (A.3.3 step 4.iv E)."""
+
+    vector: Tensor  # [D]
+    position: int  # l
+    origin: str  # the node whose key layer it was
+
+
+@dataclass
+class NodeState:
+    """What a node keeps between rounds on the federation side (training state lives in the runner)."""
+
+    params: Tensor  # flat: backbone then key layers
+    server_opt: ServerOpt | None = None  # inner nodes only (per-level momentum)
+    to_aggregate: list[Residual] = field(default_factory=list)  # D_a (leaves)
+    to_route: list[Residual] = field(default_factory=list)  # D_r (inner nodes; the root's for next round)
+
+
+@dataclass(frozen=True)
+class FedOptions:
+    local_steps: Mapping[str, int]  # steps each node trains per visit (0: an aggregation-only server)
+    share_keys: bool = True  # False: FedPer (key layers stay local)
+    attention: bool = True  # False: uniform averaging of key layers (ablation)
+    nu: int = 1  # residuals per key position per inner node
+    route_to_origin: bool = False  # allow routing a residual back into the subtree it came from
+    sub_rounds: int = 1  # T_q
+
+
+@dataclass(frozen=True)
+class Update:
+    """What a child sends its parent after its subtree finished (A.3.3 step 4.iv inputs)."""
+
+    params: Tensor
+    residuals: list[Residual]
+
+
+class NodeTrainer(Protocol):
+    def train(self, node: str, params: Tensor, start_step: int, n_steps: int) -> Tensor:
+        """Train `node` from `params` for `n_steps` with the LR of global steps start_step..; return params."""
+
+
+def _uses_keys(split: Split, opts: FedOptions) -> bool:
+    return split.key_blocks > 0 and opts.share_keys
+
+
+def receive_from_parent(
+    own: Tensor, parent: Tensor, residuals: list[Residual], split: Split, opts: FedOptions
+) -> tuple[Tensor, Tensor | None]:
+    """Steps 2–3: aggregate own keys with the parent's (and D_a) by attention; take the parent's backbone.
+
+    Returns the new flat state and the attention weights [L, 2 + |D_a|] (None when keys are not shared).
+    """
+    backbone = split.backbone(parent).clone()  # step 3: replace backbone
+    if split.key_blocks == 0:
+        return backbone, None
+    if not opts.share_keys:  # FedPer: personal layers never mix
+        return split.join(backbone, split.keys(own)), None
+    keys, weights = aggregate_with_parent_batched(
+        split.keys(own),
+        split.keys(parent),
+        [(r.vector, r.position) for r in residuals],
+        attention=opts.attention,
+    )  # step 2c–d
+    return split.join(backbone, keys), weights
+
+
+def aggregate_subtree(
+    node_params: Tensor,
+    updates: list[Update],
+    children: list[str],
+    server_opt: ServerOpt,
+    split: Split,
+    opts: FedOptions,
+) -> tuple[Tensor, list[Residual], Tensor | None]:
+    """Step 4.iv: ServerOpt on the mean pseudo-gradient, attention pooling of keys, residual selection.
+
+    Returns the node's new state, the residuals it selected, and the attention weights [L, M, M].
+    """
+    backbone = split.backbone(node_params)
+    deltas = torch.stack([split.backbone(u.params) - backbone for u in updates])  # A: Δ_c = B_c − B
+    new_backbone = server_opt.step(backbone, deltas.mean(dim=0))  # B: ServerOpt(mean Δ)
+    if not _uses_keys(split, opts):
+        keys = split.keys(node_params) if split.key_blocks else backbone[:0]
+        return split.join(new_backbone, keys), [], None
+    child_keys = torch.stack([split.keys(u.params) for u in updates])  # [C, L, D]
+    members = torch.cat([split.keys(node_params).unsqueeze(0), child_keys])  # [M, L, D], member 0 = q
+    pooled, weights = aggregate_children_batched(members, attention=opts.attention)  # C–D
+    picked: list[Residual] = []
+    if opts.nu > 0:
+        idx, _ = most_dissimilar_batched(pooled, child_keys, opts.nu)  # E: [L, nu] indices into children
+        for pos in range(split.key_blocks):
+            for c in idx[pos].tolist():
+                picked.append(Residual(child_keys[c, pos].clone(), pos, children[c]))
+    return split.join(new_backbone, pooled), picked, weights
+
+
+def route_residuals(
+    residuals: list[Residual], children: list[str], child_params: list[Tensor], tree: Tree, split: Split,
+    opts: FedOptions,
+) -> tuple[list[int], list[float]]:
+    """Steps 4.ii–iii / A.3.7: send each residual to the child whose key layer at l is most similar.
+
+    Returns per residual the chosen child index (-1: no allowed child) and the cosine similarity.
+    """
+    if not residuals:
+        return [], []
+    vectors = torch.stack([r.vector for r in residuals])  # [R, D]
+    positions = torch.tensor([r.position for r in residuals], dtype=torch.int64)
+    keys = torch.stack([split.keys(p) for p in child_params])  # [C, L, D]
+    allowed = None
+    if not opts.route_to_origin:
+        subtrees = [set(tree.subtree(c)) for c in children]
+        allowed = torch.tensor([[r.origin not in s for s in subtrees] for r in residuals], dtype=torch.bool)
+    dest, sims = route_batched(vectors, positions, keys, allowed)
+    return dest.tolist(), sims.tolist()
+
+
+def message_numel(split: Split, opts: FedOptions, residuals: list[Residual]) -> int:
+    """Values on the wire for one model message: the backbone, shared key layers, residuals (+ position)."""
+    keys = split.key_blocks * split.key_size if opts.share_keys else 0
+    return split.backbone_size + keys + sum(r.vector.numel() + 1 for r in residuals)
+
+
+def sequential_span(tree: Tree, node: str, opts: FedOptions) -> int:
+    """Sequential steps one visit of `node` takes: its own training, then its slowest child, T_q times."""
+    children = tree[node].children
+    below = max((sequential_span(tree, c, opts) for c in children), default=0)
+    return opts.sub_rounds * (opts.local_steps[node] + below) if children else opts.local_steps[node]
+
+
+def run_round(
+    tree: Tree,
+    states: dict[str, NodeState],
+    split: Split,
+    opts: FedOptions,
+    round_idx: int,
+    trainer: NodeTrainer,
+    emit: Emit,
+) -> None:
+    """Algorithm 1 for one global round, root first; states are updated in place."""
+    start = round_idx * sequential_span(tree, tree.root, opts)
+
+    def visit(q: str, step: int) -> Update:
+        st = states[q]
+        children = list(tree[q].children)
+        visits = opts.sub_rounds if children else 1
+        for _ in range(visits):
+            if opts.local_steps[q] > 0:  # 4.i: local training with ClientOpt on the global clock
+                st.params = trainer.train(q, st.params, step, opts.local_steps[q])
+            step += opts.local_steps[q]
+            if not children:
+                break
+            routed = _route_down(q, st, children, round_idx)  # 4.ii–iii
+            updates = []
+            for c in children:  # notionally in parallel: every child sees the same parent state
+                _send_down(q, c, routed.get(c, []), round_idx)
+                updates.append(visit(c, step))
+                up = message_numel(split, opts, updates[-1].residuals)
+                emit({"event": "edge", "round": round_idx, "src": c, "dst": q, "bytes": up * BYTES_PER_VALUE})
+            step += max(sequential_span(tree, c, opts) for c in children)
+            assert st.server_opt is not None, f"inner node {q} has no server optimizer"
+            st.params, picked, weights = aggregate_subtree(st.params, updates, children, st.server_opt, split, opts)
+            if weights is not None:
+                emit({"event": "attention", "round": round_idx, "node": q, "kind": "children",
+                      "members": [q, *children], "weights": weights.tolist()})
+            for r in picked:
+                emit({"event": "residual_pick", "round": round_idx, "node": q, "origin": r.origin,
+                      "position": r.position})
+            forwarded = picked + [r for u in updates for r in u.residuals]
+            if q == tree.root:  # the root routes everything down next round
+                st.to_route = forwarded
+            else:
+                return Update(st.params.clone(), forwarded)
+        return Update(st.params.clone(), [])
+
+    def _send_down(q: str, c: str, routed: list[Residual], rnd: int) -> None:
+        child = states[c]
+        parent_params = states[q].params
+        child.params, weights = receive_from_parent(child.params, parent_params, child.to_aggregate, split, opts)
+        down = message_numel(split, opts, routed)
+        emit({"event": "edge", "round": rnd, "src": q, "dst": c, "bytes": down * BYTES_PER_VALUE})
+        if weights is not None:
+            emit({"event": "attention", "round": rnd, "node": c, "kind": "parent",
+                  "members": [c, q, *[f"residual:{r.origin}@{r.position}" for r in child.to_aggregate]],
+                  "weights": weights.tolist()})
+        child.to_aggregate = []  # D_a is consumed by this aggregation
+
+    def _route_down(q: str, st: NodeState, children: list[str], rnd: int) -> dict[str, list[Residual]]:
+        pending, st.to_route = st.to_route, []
+        routed: dict[str, list[Residual]] = {}
+        if not pending or not _uses_keys(split, opts):
+            return routed
+        dest, sims = route_residuals(pending, children, [states[c].params for c in children], tree, split, opts)
+        for r, d, s in zip(pending, dest, sims, strict=True):
+            target = children[d] if d >= 0 else None
+            emit({"event": "residual_route", "round": rnd, "node": q, "origin": r.origin, "position": r.position,
+                  "destination": target, "similarity": s})
+            if target is None:
+                continue
+            queue = states[target].to_aggregate if tree.is_leaf(target) else states[target].to_route
+            queue.append(r)
+            routed.setdefault(target, []).append(r)
+        return routed
+
+    visit(tree.root, start)
+
+
+def deployed_models(tree: Tree, states: dict[str, NodeState], split: Split, opts: FedOptions) -> dict[str, Tensor]:
+    """Each node's personalised model: what it would hold after the next downward pass (steps 2–3).
+
+    The root keeps its own state; every other node takes its parent's deployed backbone and
+    aggregates its keys with the parent's (and its pending D_a). For FL this is the usual
+    "global model broadcast to every client". Node states are not modified.
+    """
+    out = {tree.root: states[tree.root].params}
+    for name in tree.order[1:]:
+        parent = tree[name].parent
+        assert parent is not None
+        out[name], _ = receive_from_parent(states[name].params, out[parent], states[name].to_aggregate, split, opts)
+    return out

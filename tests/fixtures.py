@@ -1,0 +1,115 @@
+"""Tiny prepared datasets for tests: synthetic, learnable, heterogeneous token streams (no prepare run)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+SOURCES = ("fr", "it", "uk", "ru")
+
+
+def markov_stream(seed: int, vocab: int, n: int, offset: int, width: int) -> np.ndarray:
+    """A first-order Markov chain over tokens [offset, offset + width): each source its own grammar."""
+    rng = np.random.default_rng(seed)
+    trans = rng.dirichlet(np.full(width, 0.1), size=width)
+    out = np.empty(n, dtype=np.uint16)
+    state = 0
+    cum = trans.cumsum(axis=1)
+    draws = rng.random(n)
+    for i in range(n):
+        state = min(int(np.searchsorted(cum[state], draws[i])), width - 1)
+        out[i] = offset + state
+    return out
+
+
+def make_prepared(root: Path, vocab: int = 512, sizes: dict[str, int] | None = None) -> Path:
+    """Write a prepared directory (manifest.json + tokens) following worldlm.data.prepared's contract."""
+    sizes = sizes or {"fr": 60_000, "it": 40_000, "uk": 30_000, "ru": 20_000}
+    root.mkdir(parents=True, exist_ok=True)
+    sources = {}
+    for k, (src, n) in enumerate(sizes.items()):
+        # fr/it share half their token range, uk/ru the other half: two "language families".
+        offset = 1 + (0 if k < 2 else (vocab - 1) // 2)
+        width = (vocab - 1) // 2
+        splits = {}
+        for j, (split, count) in enumerate((("train", n), ("val", 4_000), ("test", 4_000))):
+            toks = markov_stream(100 * k + (0 if split == "train" else 0), vocab, count + 0, offset, width)
+            if split != "train":
+                toks = markov_stream(100 * k, vocab, n + 8_000, offset, width)[n + 4_000 * (j - 1) : n + 4_000 * j]
+            path = root / "tokens" / src / f"{split}.bin"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            toks.astype(np.uint16).tofile(path)
+            splits[split] = {"file": f"tokens/{src}/{split}.bin", "tokens": int(toks.size), "chars": int(toks.size) * 4,
+                             "sha256": hashlib.sha256(toks.tobytes()).hexdigest()}
+        sources[src] = {"splits": splits, "origin": [{"package": "synthetic", "version": "0"}]}
+    (root / "tokenizer.json").write_text("{}")
+    manifest = {"format": 1, "recipe": "synthetic", "tokenizer": "tokenizer.json", "tokenizer_sha256": "",
+                "vocab_size": vocab, "dtype": "uint16", "eot_id": 0, "sources": sources}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+LANG_TREE = """
+[[tree.nodes]]
+name = "root"
+
+[[tree.nodes]]
+name = "fr-it"
+parent = "root"
+
+[[tree.nodes]]
+name = "uk-ru"
+parent = "root"
+
+[[tree.nodes]]
+name = "fr"
+parent = "fr-it"
+sources = ["fr"]
+
+[[tree.nodes]]
+name = "it"
+parent = "fr-it"
+sources = ["it"]
+
+[[tree.nodes]]
+name = "uk"
+parent = "uk-ru"
+sources = ["uk"]
+
+[[tree.nodes]]
+name = "ru"
+parent = "uk-ru"
+sources = ["ru"]
+"""
+
+
+def tiny_config(tmp: Path, data: Path, method: str = "worldlm", extra: str = "") -> Path:
+    """A config for a 7-node tree on the synthetic data, small enough to run in seconds."""
+    text = f"""
+name = "tiny"
+method = "{method}"
+seed = 0
+{extra}
+[data]
+path = "{data}"
+
+[model]
+preset = "nano"
+seq_len = 32
+
+[train]
+rounds = 2
+local_steps = 3
+batch_size = 4
+lr_max = 3e-3
+
+[eval]
+batches = 2
+batch_size = 8
+""" + LANG_TREE
+    path = tmp / f"{method}.toml"
+    path.write_text(text)
+    return path

@@ -1,0 +1,225 @@
+"""The WorldLM round (Algorithm 1) against hand-computed expectations and the baselines it must reduce to."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+from fixtures import make_prepared, tiny_config
+from worldlm.cli import main
+from worldlm.federation.server_opt import ServerOptConfig, make_server_opt
+from worldlm.federation.tree import NodeSpec, Tree, build_tree, flat_tree
+from worldlm.federation.worldlm import FedOptions, NodeState, Split, deployed_models, run_round
+
+TREE = build_tree([NodeSpec("root", "", ("a", "b")), NodeSpec("A", "root"), NodeSpec("B", "root"),
+                   NodeSpec("a1", "A", ("a",)), NodeSpec("a2", "A", ("a",)),
+                   NodeSpec("b1", "B", ("b",)), NodeSpec("b2", "B", ("b",))])
+
+
+class FakeTrainer:
+    """Deterministic 'training': add a fixed node-specific direction; records the global clock."""
+
+    def __init__(self, size: int, scale: float = 0.1) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.size, self.scale, self.gen = size, scale, gen
+        self.directions: dict[str, Tensor] = {}
+        self.calls: list[tuple[str, int, int]] = []
+
+    def train(self, node: str, params: Tensor, start_step: int, n_steps: int) -> Tensor:
+        if node not in self.directions:
+            self.directions[node] = torch.randn(self.size, generator=self.gen, dtype=torch.float64)
+        self.calls.append((node, start_step, n_steps))
+        return params + self.scale * n_steps * self.directions[node]
+
+
+def states_for(tree: Tree, size: int, opt: ServerOptConfig) -> dict[str, NodeState]:
+    init = torch.linspace(-1, 1, size, dtype=torch.float64)
+    return {n: NodeState(init.clone(), make_server_opt(opt) if tree[n].children else None) for n in tree.order}
+
+
+def test_flat_tree_without_keys_is_fedavgm_by_hand() -> None:
+    flat = flat_tree(TREE)
+    size, steps = 6, 3
+    opt = ServerOptConfig(kind="fedavgm", lr=1.0, momentum=0.9)
+    states = states_for(flat, size, opt)
+    trainer = FakeTrainer(size)
+    opts = FedOptions(local_steps={n: 0 if n == flat.root else steps for n in flat.order})
+    split = Split(size, 0, 0)
+    server, momentum = states[flat.root].params.clone(), torch.zeros(size, dtype=torch.float64)
+    for rnd in range(3):
+        run_round(flat, states, split, opts, rnd, trainer, lambda e: None)
+        # by hand: every client starts from the server model, trains, the server averages Δ with momentum 0.9
+        clients = [server + 0.1 * steps * trainer.directions[c] for c in flat[flat.root].children]
+        delta = torch.stack([c - server for c in clients]).mean(0)
+        momentum = 0.9 * momentum + delta
+        server = server + momentum
+        assert torch.allclose(states[flat.root].params, server, atol=1e-12)
+    deployed = deployed_models(flat, states, split, opts)
+    assert all(torch.equal(deployed[c], server) for c in flat.order)  # FL: everyone gets the global model
+
+
+def test_sequential_clock_is_shared_across_levels() -> None:
+    size, s = 4, 5
+    states = states_for(TREE, size, ServerOptConfig(kind="fedavg"))
+    trainer = FakeTrainer(size)
+    opts = FedOptions(local_steps={n: s for n in TREE.order})
+    for rnd in range(2):
+        run_round(TREE, states, Split(size, 0, 0), opts, rnd, trainer, lambda e: None)
+    starts = {(node, start) for node, start, _ in trainer.calls}
+    for rnd in range(2):
+        base = rnd * 3 * s
+        assert {("root", base), ("A", base + s), ("B", base + s), ("a1", base + 2 * s), ("b2", base + 2 * s)} <= starts
+
+
+def test_hierarchical_backbone_by_hand_fedavg() -> None:
+    size = 5
+    states = states_for(TREE, size, ServerOptConfig(kind="fedavg", lr=1.0))
+    trainer = FakeTrainer(size)
+    init = states["root"].params.clone()
+    run_round(TREE, states, Split(size, 0, 0), FedOptions(local_steps={n: 1 for n in TREE.order}), 0, trainer,
+              lambda e: None)
+    d = {n: 0.1 * trainer.directions[n] for n in TREE.order}
+    root = init + d["root"]
+    region_a = root + d["A"]
+    new_a = region_a + ((region_a + d["a1"]) + (region_a + d["a2"])) / 2 - region_a
+    region_b = root + d["B"]
+    new_b = region_b + (d["b1"] + d["b2"]) / 2
+    assert torch.allclose(states["A"].params, new_a)
+    assert torch.allclose(states["root"].params, (new_a + new_b) / 2)
+
+
+def keyed_split(backbone: int, blocks: int, key: int) -> Split:
+    return Split(backbone, blocks, key)
+
+
+def test_residuals_selected_sent_up_and_routed_away_from_origin() -> None:
+    split = keyed_split(3, 2, 4)
+    size = 3 + 2 * 4
+    states = states_for(TREE, size, ServerOptConfig(kind="fedavg"))
+    trainer = FakeTrainer(size, scale=1.0)
+    opts = FedOptions(local_steps={n: 1 for n in TREE.order}, nu=1)
+    events: list[dict[str, object]] = []
+    run_round(TREE, states, split, opts, 0, trainer, events.append)
+    picks = [e for e in events if e["event"] == "residual_pick"]
+    # each inner node picks nu=1 child layer per key position: A, B (leaves) and root (regions)
+    assert sorted((e["node"], e["position"]) for e in picks) == sorted(
+        (n, p) for n in ("A", "B", "root") for p in (0, 1))
+    assert len(states["root"].to_route) == 6
+    run_round(TREE, states, split, opts, 1, trainer, events.append)
+    routes = [e for e in events if e["event"] == "residual_route" and e["round"] == 1]
+    assert len([e for e in routes if e["node"] == "root"]) == 6
+    leaf_routes = [e for e in routes if e["node"] in ("A", "B")]
+    assert len(leaf_routes) == 6  # every residual continues down to a leaf
+    for e in routes:
+        dest = e["destination"]
+        assert isinstance(dest, str) and e["origin"] not in TREE.subtree(dest)
+    parent_att = [e for e in events if e["event"] == "attention" and e["kind"] == "parent" and e["round"] == 1
+                  and e["node"] in ("a1", "a2", "b1", "b2")]
+    assert sum(len(e["members"]) - 2 for e in parent_att) == 6  # leaves aggregate the residuals they got
+
+
+def test_route_to_origin_allowed_can_return_home() -> None:
+    split = keyed_split(3, 2, 4)
+    size = 11
+    states = states_for(TREE, size, ServerOptConfig(kind="fedavg"))
+    trainer = FakeTrainer(size, scale=1.0)
+    opts = FedOptions(local_steps={n: 1 for n in TREE.order}, nu=1, route_to_origin=True)
+    events: list[dict[str, object]] = []
+    for rnd in range(2):
+        run_round(TREE, states, split, opts, rnd, trainer, events.append)
+    routes = [e for e in events if e["event"] == "residual_route" and e["node"] == "root"]
+    assert any(str(e["origin"]) in TREE.subtree(str(e["destination"])) for e in routes)
+
+
+def test_fedper_keys_never_leave_a_node() -> None:
+    split = keyed_split(3, 2, 4)
+    states = states_for(TREE, 11, ServerOptConfig(kind="fedavg"))
+    trainer = FakeTrainer(11)
+    opts = FedOptions(local_steps={n: 1 for n in TREE.order}, share_keys=False)
+    run_round(TREE, states, split, opts, 0, trainer, lambda e: None)
+    init = torch.linspace(-1, 1, 11, dtype=torch.float64)
+    for n in TREE.order:  # keys = init + own training only
+        own = init + 0.1 * trainer.directions[n]
+        assert torch.allclose(split.keys(states[n].params), split.keys(own))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_prepared(tmp_path_factory.mktemp("data") / "d")
+
+
+def run_cli(tmp: Path, data: Path, method: str, *sets: str, extra: str = "") -> dict[str, object]:
+    cfg = tiny_config(tmp, data, method, extra)
+    out = tmp / f"run-{method}-{len(list(tmp.iterdir()))}"
+    args = ["train", str(cfg), "--out", str(out), "--quiet"]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    summary.pop("wall_seconds")
+    return summary
+
+
+def test_worldlm_without_keys_attention_or_residuals_equals_hierfavg(tmp_path: Path, data: Path) -> None:
+    a = run_cli(tmp_path, data, "worldlm", "model.key_blocks=0", "federation.attention=false", "federation.nu=0")
+    b = run_cli(tmp_path, data, "hierfavg")
+    assert a["nodes"] == b["nodes"] and a["mean_ppl"] == b["mean_ppl"]
+
+
+def test_same_seed_same_summary_and_run_directory(tmp_path: Path, data: Path) -> None:
+    a = run_cli(tmp_path, data, "worldlm")
+    b = run_cli(tmp_path, data, "worldlm")
+    assert {k: v for k, v in a.items() if k != "name"} == {k: v for k, v in b.items() if k != "name"}
+    c = run_cli(tmp_path, data, "worldlm", "seed=1")
+    assert c["mean_ppl"] != a["mean_ppl"]
+
+
+def test_run_directory_contract(tmp_path: Path, data: Path) -> None:
+    cfg = tiny_config(tmp_path, data, "worldlm")
+    out = tmp_path / "run"
+    assert main(["train", str(cfg), "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["nodes"]) == {"root", "fr-it", "uk-ru", "fr", "it", "uk", "ru"}
+    assert summary["method"] == "worldlm" and summary["mean_ppl"] > 1 and summary["std_ppl"] >= 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r.get("split") == "train"]
+    assert {r["stage"] for r in train} == {1, 2, 3}
+    assert all(k in train[0] for k in ("round", "node", "loss", "ppl", "tokens", "seconds"))
+    assert any(r.get("event") == "attention" for r in records)
+    assert any(r.get("event") == "edge" for r in records)
+    assert (out / "config.toml").is_file()
+    assert len(list((out / "checkpoints").glob("*.safetensors"))) == 7
+    assert main(["train", str(cfg), "--out", str(out), "--quiet"]) == 2  # refuses to overwrite
+
+
+@pytest.mark.parametrize("method", ["fl", "fedper", "centralized", "local"])
+def test_every_method_runs_at_equal_sequential_steps(tmp_path: Path, data: Path, method: str) -> None:
+    summary = run_cli(tmp_path, data, method)
+    assert summary["sequential_steps"] == 2 * 3 * 3  # rounds x depth x local_steps
+    assert len(summary["nodes"]) == 7
+
+
+def test_depth_four_tree_runs(tmp_path: Path, data: Path) -> None:
+    extra_tree = """
+[[tree.nodes]]
+name = "fr-a"
+parent = "fr"
+sources = ["fr"]
+
+[[tree.nodes]]
+name = "fr-b"
+parent = "fr"
+sources = ["fr"]
+"""
+    cfg = tiny_config(tmp_path, data, "worldlm")
+    cfg.write_text(cfg.read_text() + extra_tree)
+    out = tmp_path / "deep"
+    assert main(["train", str(cfg), "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sequential_steps"] == 2 * 4 * 3 and len(summary["nodes"]) == 9
+    stages = {json.loads(line).get("stage") for line in (out / "metrics.jsonl").read_text().splitlines()}
+    assert {1, 2, 3, 4} <= stages
