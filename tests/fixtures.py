@@ -34,20 +34,30 @@ def make_prepared(root: Path, vocab: int = 512, sizes: dict[str, int] | None = N
         # fr/it share half their token range, uk/ru the other half: two "language families".
         offset = 1 + (0 if k < 2 else (vocab - 1) // 2)
         width = (vocab - 1) // 2
+        stream = markov_stream(100 * k, vocab, n + 8_000, offset, width)
         splits = {}
-        for j, (split, count) in enumerate((("train", n), ("val", 4_000), ("test", 4_000))):
-            toks = markov_stream(100 * k + (0 if split == "train" else 0), vocab, count + 0, offset, width)
-            if split != "train":
-                toks = markov_stream(100 * k, vocab, n + 8_000, offset, width)[n + 4_000 * (j - 1) : n + 4_000 * j]
+        for split, toks in (("train", stream[:n]), ("val", stream[n : n + 4_000]), ("test", stream[n + 4_000 :])):
             path = root / "tokens" / src / f"{split}.bin"
             path.parent.mkdir(parents=True, exist_ok=True)
             toks.astype(np.uint16).tofile(path)
-            splits[split] = {"file": f"tokens/{src}/{split}.bin", "tokens": int(toks.size), "chars": int(toks.size) * 4,
-                             "sha256": hashlib.sha256(toks.tobytes()).hexdigest()}
+            splits[split] = {
+                "file": f"tokens/{src}/{split}.bin",
+                "tokens": int(toks.size),
+                "chars": int(toks.size) * 4,
+                "sha256": hashlib.sha256(toks.tobytes()).hexdigest(),
+            }
         sources[src] = {"splits": splits, "origin": [{"package": "synthetic", "version": "0"}]}
     (root / "tokenizer.json").write_text("{}")
-    manifest = {"format": 1, "recipe": "synthetic", "tokenizer": "tokenizer.json", "tokenizer_sha256": "",
-                "vocab_size": vocab, "dtype": "uint16", "eot_id": 0, "sources": sources}
+    manifest = {
+        "format": 1,
+        "recipe": "synthetic",
+        "tokenizer": "tokenizer.json",
+        "tokenizer_sha256": "",
+        "vocab_size": vocab,
+        "dtype": "uint16",
+        "eot_id": 0,
+        "sources": sources,
+    }
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 
@@ -88,7 +98,8 @@ sources = ["ru"]
 
 def tiny_config(tmp: Path, data: Path, method: str = "worldlm", extra: str = "") -> Path:
     """A config for a 7-node tree on the synthetic data, small enough to run in seconds."""
-    text = f"""
+    text = (
+        f"""
 name = "tiny"
 method = "{method}"
 seed = 0
@@ -109,7 +120,9 @@ lr_max = 3e-3
 [eval]
 batches = 2
 batch_size = 8
-""" + LANG_TREE
+"""
+        + LANG_TREE
+    )
     path = tmp / f"{method}.toml"
     path.write_text(text)
     return path

@@ -79,9 +79,7 @@ def naive_with_parent(
     return new, lams
 
 
-def naive_children(
-    members: list[list[Vec]], attention: bool = True
-) -> tuple[list[Vec], list[list[list[float]]]]:
+def naive_children(members: list[list[Vec]], attention: bool = True) -> tuple[list[Vec], list[list[list[float]]]]:
     """A.3.3 step 4.iv C–D: members[m][l] -> pooled[l], λ[l][c][j]; K'_c built explicitly."""
     n_mem, n_pos, d = len(members), len(members[0]), len(members[0][0])
     pooled: list[Vec] = []
@@ -197,9 +195,7 @@ def test_most_dissimilar_batched_matches_naive(n_pos: int, d: int, n_cand: int, 
 
     assert idx.dtype == torch.int64 and idx.shape == (n_pos, min(nu, n_cand))
     assert idx.tolist() == naive_most_dissimilar(pooled.tolist(), cands.tolist(), nu)
-    ref_sims = [
-        [naive_cos(pooled[p].tolist(), cands[c, p].tolist()) for c in range(n_cand)] for p in range(n_pos)
-    ]
+    ref_sims = [[naive_cos(pooled[p].tolist(), cands[c, p].tolist()) for c in range(n_cand)] for p in range(n_pos)]
     torch.testing.assert_close(sims, t64(ref_sims), rtol=0, atol=1e-12)
 
 
@@ -237,10 +233,7 @@ def test_cosine_matrix_matches_naive() -> None:
 
     got = cosine_matrix(x, y)
 
-    ref = [
-        [[naive_cos(x[p, m].tolist(), y[p, n].tolist()) for n in range(5)] for m in range(4)]
-        for p in range(3)
-    ]
+    ref = [[[naive_cos(x[p, m].tolist(), y[p, n].tolist()) for n in range(5)] for m in range(4)] for p in range(3)]
     torch.testing.assert_close(got, t64(ref), rtol=0, atol=1e-12)
     assert torch.all(got[1, :, 2] == 0)
 
@@ -298,10 +291,7 @@ def test_single_vector_wrappers_equal_batched_forms() -> None:
         most_dissimilar(node, [c1, c2, c3], 2)
         == naive_most_dissimilar([node.tolist()], [[c.tolist()] for c in (c1, c2, c3)], 2)[0]
     )
-    assert (
-        route(node, [c1, c2, c3])
-        == naive_route([node.tolist()], [0], [[c.tolist()] for c in (c1, c2, c3)], None)[0]
-    )
+    assert route(node, [c1, c2, c3]) == naive_route([node.tolist()], [0], [[c.tolist()] for c in (c1, c2, c3)], None)[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -335,14 +325,10 @@ def test_parent_aggregation_hand_values() -> None:
     # same direction: scores [1, 1] -> λ = [1/2, 1/2]
     torch.testing.assert_close(aggregate_with_parent(e1, 2 * e1), t64([1.5, 0.0]), rtol=0, atol=1e-15)
     # orthogonal parent: scores [1, 0] -> λ = [e, 1] / (e + 1)
-    torch.testing.assert_close(
-        aggregate_with_parent(e1, e2), t64([E / (E + 1), 1 / (E + 1)]), rtol=0, atol=1e-15
-    )
+    torch.testing.assert_close(aggregate_with_parent(e1, e2), t64([E / (E + 1), 1 / (E + 1)]), rtol=0, atol=1e-15)
     # plus an opposite residual: scores [1, 0, -1] -> λ ∝ [e, 1, 1/e]
     z = E + 1 + 1 / E
-    torch.testing.assert_close(
-        aggregate_with_parent(e1, e2, [-e1]), t64([(E - 1 / E) / z, 1 / z]), rtol=0, atol=1e-15
-    )
+    torch.testing.assert_close(aggregate_with_parent(e1, e2, [-e1]), t64([(E - 1 / E) / z, 1 / z]), rtol=0, atol=1e-15)
 
 
 def test_attention_off_is_uniform_over_participants() -> None:
@@ -414,9 +400,7 @@ def test_most_dissimilar_picks_planted_outlier_and_edge_cases() -> None:
 
 def test_most_dissimilar_batched_per_position() -> None:
     pooled = t64([[1.0, 0.0], [0.0, 1.0]])
-    cands = t64(
-        [[[1.0, 0.0], [-1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]], [[1.0, 0.1], [1.0, 0.0]]]
-    )  # [C=3, L=2, D=2]
+    cands = t64([[[1.0, 0.0], [-1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]], [[1.0, 0.1], [1.0, 0.0]]])  # [C=3, L=2, D=2]
 
     idx, sims = most_dissimilar_batched(pooled, cands, 1)
 
@@ -502,9 +486,7 @@ def test_invalid_inputs_raise() -> None:
     seed=st.integers(0, 2**31 - 1),
     zero_rows=st.integers(0, 2),
 )
-def test_children_pooled_is_a_convex_combination(
-    n_mem: int, n_pos: int, d: int, seed: int, zero_rows: int
-) -> None:
+def test_children_pooled_is_a_convex_combination(n_mem: int, n_pos: int, d: int, seed: int, zero_rows: int) -> None:
     g = torch.Generator().manual_seed(seed)
     members = torch.randn(n_mem, n_pos, d, generator=g, dtype=torch.float64)
     members[: min(zero_rows, n_mem), 0] = 0.0

@@ -85,8 +85,16 @@ def test_tree_errors(nodes: list[NodeSpec], message: str) -> None:
 
 
 def test_tree_levels_and_inherited_sources() -> None:
-    tree = build_tree(specs(("root", "", ()), ("A", "root", ()), ("B", "root", ("z",)), ("a1", "A", ("x",)),
-                            ("a2", "A", ("y", "x")), ("b1", "B", ("z",))))
+    tree = build_tree(
+        specs(
+            ("root", "", ()),
+            ("A", "root", ()),
+            ("B", "root", ("z",)),
+            ("a1", "A", ("x",)),
+            ("a2", "A", ("y", "x")),
+            ("b1", "B", ("z",)),
+        )
+    )
     assert tree.levels == [["root"], ["A", "B"], ["a1", "a2", "b1"]]
     assert tree["A"].sources == ("x", "y")  # the subtree's, first appearance order
     assert tree["root"].sources == ("x", "y", "z")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,17 @@ from worldlm.data.prepared import load_prepared
 from worldlm.errors import DataError
 from worldlm.federation.tree import NodeSpec, build_tree
 
-TREE = build_tree([NodeSpec("root"), NodeSpec("A", "root"), NodeSpec("B", "root"),
-                   NodeSpec("fr", "A", ("fr",)), NodeSpec("it", "A", ("it",)),
-                   NodeSpec("uk", "B", ("uk",)), NodeSpec("ru", "B", ("ru",))])
+TREE = build_tree(
+    [
+        NodeSpec("root"),
+        NodeSpec("A", "root"),
+        NodeSpec("B", "root"),
+        NodeSpec("fr", "A", ("fr",)),
+        NodeSpec("it", "A", ("it",)),
+        NodeSpec("uk", "B", ("uk",)),
+        NodeSpec("ru", "B", ("ru",)),
+    ]
+)
 
 
 def test_shards_leaf_three_inner_two_disjoint() -> None:
@@ -23,11 +32,15 @@ def test_shards_leaf_three_inner_two_disjoint() -> None:
     spans = assign_shards(TREE, sizes, leaf_shards=3, inner_shards=2)
     # fr is held by root (2 shards), A (2) and the leaf fr (3): 7 equal shards of 100 tokens.
     fr = {n: [s for s in spans[n] if s.source == "fr"] for n in ("root", "A", "fr")}
-    assert [(s.start, s.end) for n in ("root", "A", "fr") for s in fr[n]] == [(0, 200), (200, 400), (400, 700)]
+    assert [(s.start, s.end) for n in ("root", "A", "fr") for s in fr[n]] == [
+        (0, 200),
+        (200, 400),
+        (400, 700),
+    ]
     assert spans["B"] == [Span("uk", 20, 40), Span("ru", 2000, 4000)]
     for src in sizes:  # no token is used by two nodes
         ranges = sorted((s.start, s.end) for n in spans for s in spans[n] if s.source == src)
-        assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))
+        assert all(a[1] <= b[0] for a, b in pairwise(ranges))
 
 
 def test_mixture_proportional_to_held_sizes() -> None:

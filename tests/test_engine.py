@@ -15,9 +15,17 @@ from worldlm.federation.server_opt import ServerOptConfig, make_server_opt
 from worldlm.federation.tree import NodeSpec, Tree, build_tree, flat_tree
 from worldlm.federation.worldlm import FedOptions, NodeState, Split, deployed_models, run_round
 
-TREE = build_tree([NodeSpec("root", "", ("a", "b")), NodeSpec("A", "root"), NodeSpec("B", "root"),
-                   NodeSpec("a1", "A", ("a",)), NodeSpec("a2", "A", ("a",)),
-                   NodeSpec("b1", "B", ("b",)), NodeSpec("b2", "B", ("b",))])
+TREE = build_tree(
+    [
+        NodeSpec("root", "", ("a", "b")),
+        NodeSpec("A", "root"),
+        NodeSpec("B", "root"),
+        NodeSpec("a1", "A", ("a",)),
+        NodeSpec("a2", "A", ("a",)),
+        NodeSpec("b1", "B", ("b",)),
+        NodeSpec("b2", "B", ("b",)),
+    ]
+)
 
 
 class FakeTrainer:
@@ -72,7 +80,13 @@ def test_sequential_clock_is_shared_across_levels() -> None:
     starts = {(node, start) for node, start, _ in trainer.calls}
     for rnd in range(2):
         base = rnd * 3 * s
-        assert {("root", base), ("A", base + s), ("B", base + s), ("a1", base + 2 * s), ("b2", base + 2 * s)} <= starts
+        assert {
+            ("root", base),
+            ("A", base + s),
+            ("B", base + s),
+            ("a1", base + 2 * s),
+            ("b2", base + 2 * s),
+        } <= starts
 
 
 def test_hierarchical_backbone_by_hand_fedavg() -> None:
@@ -80,8 +94,15 @@ def test_hierarchical_backbone_by_hand_fedavg() -> None:
     states = states_for(TREE, size, ServerOptConfig(kind="fedavg", lr=1.0))
     trainer = FakeTrainer(size)
     init = states["root"].params.clone()
-    run_round(TREE, states, Split(size, 0, 0), FedOptions(local_steps={n: 1 for n in TREE.order}), 0, trainer,
-              lambda e: None)
+    run_round(
+        TREE,
+        states,
+        Split(size, 0, 0),
+        FedOptions(local_steps={n: 1 for n in TREE.order}),
+        0,
+        trainer,
+        lambda e: None,
+    )
     d = {n: 0.1 * trainer.directions[n] for n in TREE.order}
     root = init + d["root"]
     region_a = root + d["A"]
@@ -107,7 +128,8 @@ def test_residuals_selected_sent_up_and_routed_away_from_origin() -> None:
     picks = [e for e in events if e["event"] == "residual_pick"]
     # each inner node picks nu=1 child layer per key position: A, B (leaves) and root (regions)
     assert sorted((e["node"], e["position"]) for e in picks) == sorted(
-        (n, p) for n in ("A", "B", "root") for p in (0, 1))
+        (n, p) for n in ("A", "B", "root") for p in (0, 1)
+    )
     assert len(states["root"].to_route) == 6
     run_round(TREE, states, split, opts, 1, trainer, events.append)
     routes = [e for e in events if e["event"] == "residual_route" and e["round"] == 1]
@@ -117,8 +139,14 @@ def test_residuals_selected_sent_up_and_routed_away_from_origin() -> None:
     for e in routes:
         dest = e["destination"]
         assert isinstance(dest, str) and e["origin"] not in TREE.subtree(dest)
-    parent_att = [e for e in events if e["event"] == "attention" and e["kind"] == "parent" and e["round"] == 1
-                  and e["node"] in ("a1", "a2", "b1", "b2")]
+    parent_att = [
+        e
+        for e in events
+        if e["event"] == "attention"
+        and e["kind"] == "parent"
+        and e["round"] == 1
+        and e["node"] in ("a1", "a2", "b1", "b2")
+    ]
     assert sum(len(e["members"]) - 2 for e in parent_att) == 6  # leaves aggregate the residuals they got
 
 

@@ -46,8 +46,9 @@ def test_split_covers_every_parameter_once(key_blocks: int) -> None:
     assert layout.backbone(flat).numel() + layout.keys(flat).numel() == flat.numel()
     key_params = {n for names in layout.key_param_names for n in names}
     first_key = model.cfg.n_layer - key_blocks
-    assert key_params == {n for n, _ in model.named_parameters()
-                          if n.startswith("blocks.") and int(n.split(".")[1]) >= first_key}
+    assert key_params == {
+        n for n, _ in model.named_parameters() if n.startswith("blocks.") and int(n.split(".")[1]) >= first_key
+    }
     if key_blocks:
         # each key row is exactly one block, flattened
         block = torch.cat([p.detach().reshape(-1) for p in model.blocks[first_key].parameters()])
@@ -75,10 +76,12 @@ def test_schedule_values() -> None:
 def test_loss_decreases_on_a_repetitive_corpus() -> None:
     model = tiny(vocab=32)
     pattern = torch.arange(32).repeat(4)
+
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
         starts = torch.randint(0, 64, (8,))
         rows = torch.stack([pattern[s : s + 17] for s in starts])
         return rows[:, :-1], rows[:, 1:]
+
     torch.manual_seed(1)
     opt = make_client_opt(model, ClientOptConfig())
     stats = train_steps(model, opt, batch, Schedule(3e-3, 0.1, 5, 60), 0, 60, grad_clip=1.0)

@@ -28,8 +28,9 @@ def _prepare(args: argparse.Namespace) -> int:
         cfg = C.load_config(args.config, args.set)
         target = out or Path(cfg.data.path)
         if cfg.data.recipe:
-            prepared = prepare_recipe(cfg.data.recipe, target, vocab_size=cfg.data.vocab_size, seed=cfg.seed,
-                                      progress=log)
+            prepared = prepare_recipe(
+                cfg.data.recipe, target, vocab_size=cfg.data.vocab_size, seed=cfg.seed, progress=log
+            )
         elif cfg.data.sources:
             specs = {n: SourceSpec(s.path, s.format, s.field) for n, s in cfg.data.sources.items()}  # type: ignore[arg-type]
             prepared = prepare_sources(specs, target, vocab_size=cfg.data.vocab_size, seed=cfg.seed, progress=log)
@@ -94,8 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
         p.add_argument("config", nargs=None if config_required else "?", help="TOML config file")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set train.rounds=8 (repeatable)")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config key, e.g. --set train.rounds=8 (repeatable)",
+        )
         p.add_argument("--quiet", action="store_true", help="no progress display (CI)")
 
     p = sub.add_parser("prepare", help="build a prepared dataset (offline recipe or your own sources)")

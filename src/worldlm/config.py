@@ -240,8 +240,14 @@ def validate(cfg: Config) -> None:
     from worldlm.model import PRESETS  # model imports nothing from config at module level
 
     _check(cfg.method in METHODS, f"method '{cfg.method}' is unknown{_suggest(cfg.method, METHODS)}")
-    _check(bool(cfg.name) and "/" not in cfg.name, f"name must be a non-empty string without '/', got '{cfg.name}'")
-    _check(cfg.model.preset in PRESETS, f"model.preset '{cfg.model.preset}' is unknown{_suggest(cfg.model.preset, PRESETS)}")
+    _check(
+        bool(cfg.name) and "/" not in cfg.name,
+        f"name must be a non-empty string without '/', got '{cfg.name}'",
+    )
+    _check(
+        cfg.model.preset in PRESETS,
+        f"model.preset '{cfg.model.preset}' is unknown{_suggest(cfg.model.preset, PRESETS)}",
+    )
     _check(cfg.model.seq_len >= 8, f"model.seq_len must be >= 8, got {cfg.model.seq_len}")
     n_layer = PRESETS[cfg.model.preset].n_layer
     _check(
@@ -254,7 +260,10 @@ def validate(cfg: Config) -> None:
         _check(getattr(t, name) >= 1, f"train.{name} must be >= 1, got {getattr(t, name)}")
     _check(t.lr_max > 0, f"train.lr_max must be > 0, got {t.lr_max}")
     _check(0 < t.lr_alpha <= 1, f"train.lr_alpha must be in (0, 1], got {t.lr_alpha}")
-    _check(t.warmup_steps >= -1 and t.total_steps >= -1, "train.warmup_steps/total_steps must be >= 0 or -1 (auto)")
+    _check(
+        t.warmup_steps >= -1 and t.total_steps >= -1,
+        "train.warmup_steps/total_steps must be >= 0 or -1 (auto)",
+    )
     _check(t.grad_clip >= 0 and t.weight_decay >= 0, "train.grad_clip and train.weight_decay must be >= 0")
     _check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1/beta2 must be in [0, 1)")
     _check(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
@@ -269,11 +278,20 @@ def validate(cfg: Config) -> None:
     d = cfg.data
     _check(d.leaf_shards >= 1 and d.inner_shards >= 1, "data.leaf_shards and data.inner_shards must be >= 1")
     _check(256 < d.vocab_size <= 65535 * 4, f"data.vocab_size must be in (256, 262140], got {d.vocab_size}")
-    _check(d.recipe in ("", "languages", "domains"), f"data.recipe '{d.recipe}' is unknown (valid: languages, domains)")
+    _check(
+        d.recipe in ("", "languages", "domains"),
+        f"data.recipe '{d.recipe}' is unknown (valid: languages, domains)",
+    )
     for src_name, src in d.sources.items():
-        _check(src.format in ("text", "jsonl", "parquet"), f"data.sources.{src_name}.format must be text, jsonl or parquet")
+        _check(
+            src.format in ("text", "jsonl", "parquet"),
+            f"data.sources.{src_name}.format must be text, jsonl or parquet",
+        )
         _check(bool(src.path), f"data.sources.{src_name}.path is empty; give the file or folder holding its text")
-    _check(len(cfg.tree.nodes) >= 1, "tree.nodes is empty; describe at least one node ([[tree.nodes]] name = ...)")
+    _check(
+        len(cfg.tree.nodes) >= 1,
+        "tree.nodes is empty; describe at least one node ([[tree.nodes]] name = ...)",
+    )
 
 
 def key_blocks(cfg: Config) -> int:

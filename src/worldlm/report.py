@@ -42,8 +42,14 @@ def progress_display(quiet: bool) -> Iterator[Any]:
         kind = event["kind"]
         if kind == "start":
             task["method"] = event["method"]
-            task["id"] = bar.add_task("train", total=event["total_steps"], method=event["method"], node="-",
-                                      loss=float("nan"), tps=0.0)
+            task["id"] = bar.add_task(
+                "train",
+                total=event["total_steps"],
+                method=event["method"],
+                node="-",
+                loss=float("nan"),
+                tps=0.0,
+            )
             task["t"] = time.perf_counter()
         elif kind == "step":
             now = time.perf_counter()
@@ -52,8 +58,10 @@ def progress_display(quiet: bool) -> Iterator[Any]:
             bar.update(task["id"], advance=1, node=event["node"], loss=event["loss"], tps=tps)
         elif kind == "eval":
             ppl = [r["ppl"] for r in event["results"].values()]
-            bar.console.print(f"  round {event['round'] + 1}: mean {event['split']} perplexity "
-                              f"{np.mean(ppl):.2f} over {len(ppl)} nodes")
+            bar.console.print(
+                f"  round {event['round'] + 1}: mean {event['split']} perplexity "
+                f"{np.mean(ppl):.2f} over {len(ppl)} nodes"
+            )
 
     with bar:
         yield update
@@ -92,10 +100,14 @@ def comparison_markdown(summaries: dict[str, dict[str, Any]], reference: str) ->
     lines = ["| node | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
     for node in nodes:
         lines.append(f"| {node} | " + " | ".join(f"{summaries[m]['nodes'][node]['ppl']:.2f}" for m in methods) + " |")
-    lines.append("| **mean ± std** | " + " | ".join(
-        f"**{summaries[m]['mean_ppl']:.2f} ± {summaries[m]['std_ppl']:.2f}**" for m in methods) + " |")
-    lines.append(f"| mean / {reference} | " + " | ".join(f"{summaries[m]['mean_ppl'] / ref:.2f}×" for m in methods)
-                 + " |")
+    lines.append(
+        "| **mean ± std** | "
+        + " | ".join(f"**{summaries[m]['mean_ppl']:.2f} ± {summaries[m]['std_ppl']:.2f}**" for m in methods)
+        + " |"
+    )
+    lines.append(
+        f"| mean / {reference} | " + " | ".join(f"{summaries[m]['mean_ppl'] / ref:.2f}×" for m in methods) + " |"
+    )
     lines.append("| sequential steps | " + " | ".join(str(summaries[m]["sequential_steps"]) for m in methods) + " |")
     lines.append("| wall time (s) | " + " | ".join(f"{summaries[m]['wall_seconds']:.0f}" for m in methods) + " |")
     return "\n".join(lines) + "\n"
@@ -144,8 +156,10 @@ def compare_runs(summaries: dict[str, dict[str, Any]], root: Path, quiet: bool) 
     reference = "worldlm" if "worldlm" in summaries else next(iter(summaries))
     md = comparison_markdown(summaries, reference)
     atomic_write_text(root / "comparison.md", md)
-    atomic_write_json(root / "comparison.json", {m: {"mean_ppl": s["mean_ppl"], "std_ppl": s["std_ppl"],
-                                                     "nodes": s["nodes"]} for m, s in summaries.items()})
+    atomic_write_json(
+        root / "comparison.json",
+        {m: {"mean_ppl": s["mean_ppl"], "std_ppl": s["std_ppl"], "nodes": s["nodes"]} for m, s in summaries.items()},
+    )
     plot_val_curves({m: root / m for m in summaries}, root / "val_ppl.png")
     if not quiet:
         table = Table(title="personalised test perplexity per node (lower is better)")
@@ -154,7 +168,10 @@ def compare_runs(summaries: dict[str, dict[str, Any]], root: Path, quiet: bool) 
             table.add_column(m, justify="right")
         for node in next(iter(summaries.values()))["nodes"]:
             table.add_row(node, *[f"{s['nodes'][node]['ppl']:.2f}" for s in summaries.values()])
-        table.add_row("[bold]mean ± std", *[f"[bold]{s['mean_ppl']:.2f} ± {s['std_ppl']:.2f}" for s in summaries.values()])
+        table.add_row(
+            "[bold]mean ± std",
+            *[f"[bold]{s['mean_ppl']:.2f} ± {s['std_ppl']:.2f}" for s in summaries.values()],
+        )
         ref = summaries[reference]["mean_ppl"]
         table.add_row(f"mean / {reference}", *[f"{s['mean_ppl'] / ref:.2f}×" for s in summaries.values()])
         console.print(table)

@@ -32,7 +32,9 @@ class Span:
         return self.end - self.start
 
 
-def assign_shards(tree: Tree, train_sizes: dict[str, int], leaf_shards: int, inner_shards: int) -> dict[str, list[Span]]:
+def assign_shards(
+    tree: Tree, train_sizes: dict[str, int], leaf_shards: int, inner_shards: int
+) -> dict[str, list[Span]]:
     """Paper A.2: split each source into equal shards; leaves get `leaf_shards`, other nodes `inner_shards`."""
     holders: dict[str, list[str]] = {}
     for name in tree.training_nodes:

@@ -85,8 +85,7 @@ def load_prepared(root: str | Path) -> Prepared:
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
         splits = {
-            src: {sp: SplitInfo(**entry["splits"][sp]) for sp in SPLITS}
-            for src, entry in manifest["sources"].items()
+            src: {sp: SplitInfo(**entry["splits"][sp]) for sp in SPLITS} for src, entry in manifest["sources"].items()
         }
         prepared = Prepared(
             root=root,

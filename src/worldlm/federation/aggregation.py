@@ -274,8 +274,7 @@ def most_dissimilar_batched(pooled: Tensor, candidates: Tensor, nu: int) -> tupl
         raise ValueError(f"nu must be >= 0, got {nu}")
     if pooled.dim() != 2 or candidates.dim() != 3 or candidates.shape[1:] != pooled.shape:
         raise ValueError(
-            f"expected pooled [L, D] and candidates [C, L, D], got {tuple(pooled.shape)}, "
-            f"{tuple(candidates.shape)}"
+            f"expected pooled [L, D] and candidates [C, L, D], got {tuple(pooled.shape)}, {tuple(candidates.shape)}"
         )
     sims = cosine(pooled.unsqueeze(0), candidates).transpose(0, 1)  # [L, C]
     k = min(nu, candidates.shape[0])
@@ -302,8 +301,7 @@ def route_batched(
     _check_float("children", children)
     if residuals.dim() != 2 or children.dim() != 3 or residuals.shape[1] != children.shape[2]:
         raise ValueError(
-            f"expected residuals [R, D] and children [C, L, D], got {tuple(residuals.shape)}, "
-            f"{tuple(children.shape)}"
+            f"expected residuals [R, D] and children [C, L, D], got {tuple(residuals.shape)}, {tuple(children.shape)}"
         )
     n_res = residuals.shape[0]
     n_child, n_pos, d = children.shape

@@ -165,9 +165,7 @@ class ServerOpt(ABC):
         allowed = {"step", *self.state_names}
         unknown = set(state) - allowed
         if unknown or "step" not in state:
-            raise ValueError(
-                f"{self.kind} state must have 'step' and only {sorted(allowed)}; got {sorted(state)}"
-            )
+            raise ValueError(f"{self.kind} state must have 'step' and only {sorted(allowed)}; got {sorted(state)}")
         steps = int(state["step"])
         present = [n for n in self.state_names if n in state]
         if steps > 0 and len(present) != len(self.state_names):

@@ -150,7 +150,11 @@ def aggregate_subtree(
 
 
 def route_residuals(
-    residuals: list[Residual], children: list[str], child_params: list[Tensor], tree: Tree, split: Split,
+    residuals: list[Residual],
+    children: list[str],
+    child_params: list[Tensor],
+    tree: Tree,
+    split: Split,
     opts: FedOptions,
 ) -> tuple[list[int], list[float]]:
     """Steps 4.ii–iii / A.3.7: send each residual to the child whose key layer at l is most similar.
@@ -216,11 +220,26 @@ def run_round(
             assert st.server_opt is not None, f"inner node {q} has no server optimizer"
             st.params, picked, weights = aggregate_subtree(st.params, updates, children, st.server_opt, split, opts)
             if weights is not None:
-                emit({"event": "attention", "round": round_idx, "node": q, "kind": "children",
-                      "members": [q, *children], "weights": weights.tolist()})
+                emit(
+                    {
+                        "event": "attention",
+                        "round": round_idx,
+                        "node": q,
+                        "kind": "children",
+                        "members": [q, *children],
+                        "weights": weights.tolist(),
+                    }
+                )
             for r in picked:
-                emit({"event": "residual_pick", "round": round_idx, "node": q, "origin": r.origin,
-                      "position": r.position})
+                emit(
+                    {
+                        "event": "residual_pick",
+                        "round": round_idx,
+                        "node": q,
+                        "origin": r.origin,
+                        "position": r.position,
+                    }
+                )
             forwarded = picked + [r for u in updates for r in u.residuals]
             if q == tree.root:  # the root routes everything down next round
                 st.to_route = forwarded
@@ -235,9 +254,16 @@ def run_round(
         down = message_numel(split, opts, routed)
         emit({"event": "edge", "round": rnd, "src": q, "dst": c, "bytes": down * BYTES_PER_VALUE})
         if weights is not None:
-            emit({"event": "attention", "round": rnd, "node": c, "kind": "parent",
-                  "members": [c, q, *[f"residual:{r.origin}@{r.position}" for r in child.to_aggregate]],
-                  "weights": weights.tolist()})
+            emit(
+                {
+                    "event": "attention",
+                    "round": rnd,
+                    "node": c,
+                    "kind": "parent",
+                    "members": [c, q, *[f"residual:{r.origin}@{r.position}" for r in child.to_aggregate]],
+                    "weights": weights.tolist(),
+                }
+            )
         child.to_aggregate = []  # D_a is consumed by this aggregation
 
     def _route_down(q: str, st: NodeState, children: list[str], rnd: int) -> dict[str, list[Residual]]:
@@ -248,8 +274,17 @@ def run_round(
         dest, sims = route_residuals(pending, children, [states[c].params for c in children], tree, split, opts)
         for r, d, s in zip(pending, dest, sims, strict=True):
             target = children[d] if d >= 0 else None
-            emit({"event": "residual_route", "round": rnd, "node": q, "origin": r.origin, "position": r.position,
-                  "destination": target, "similarity": s})
+            emit(
+                {
+                    "event": "residual_route",
+                    "round": rnd,
+                    "node": q,
+                    "origin": r.origin,
+                    "position": r.position,
+                    "destination": target,
+                    "similarity": s,
+                }
+            )
             if target is None:
                 continue
             queue = states[target].to_aggregate if tree.is_leaf(target) else states[target].to_route

@@ -63,8 +63,11 @@ def _server_opt_cfg(s: C.ServerOptSettings) -> ServerOptConfig:
 
 
 def _single(name: str, spans: list[Span]) -> Tree:
-    return Tree(nodes={name: TreeNode(name, None, (), tuple(dict.fromkeys(s.source for s in spans)), False, 0)},
-                root=name, order=(name,))
+    return Tree(
+        nodes={name: TreeNode(name, None, (), tuple(dict.fromkeys(s.source for s in spans)), False, 0)},
+        root=name,
+        order=(name,),
+    )
 
 
 def plan(cfg: C.Config, tree: Tree, spans: dict[str, list[Span]], layout: ParamLayout) -> list[Federation]:
@@ -76,8 +79,14 @@ def plan(cfg: C.Config, tree: Tree, spans: dict[str, list[Span]], layout: ParamL
     no_keys = Split(layout.total, 0, 0)
 
     def opts(t: Tree, steps: dict[str, int], **kw: Any) -> FedOptions:
-        return FedOptions(local_steps=steps, nu=fed.nu, attention=fed.attention,
-                          route_to_origin=fed.route_to_origin, sub_rounds=fed.sub_rounds, **kw)
+        return FedOptions(
+            local_steps=steps,
+            nu=fed.nu,
+            attention=fed.attention,
+            route_to_origin=fed.route_to_origin,
+            sub_rounds=fed.sub_rounds,
+            **kw,
+        )
 
     names = list(tree.order)
     if cfg.method in ("worldlm", "hierfavg", "fedper"):
@@ -94,15 +103,23 @@ def plan(cfg: C.Config, tree: Tree, spans: dict[str, list[Span]], layout: ParamL
         o = opts(single, {"centralized": per_round})
         return [Federation(single, {"centralized": pooled}, o, no_keys, {n: "centralized" for n in names}, {})]
     # local: every node alone on its own data for the same sequential steps
-    return [Federation(_single(n, spans[n]), {n: spans[n]}, opts(tree, {n: per_round}), no_keys, {n: n}, {})
-            for n in names]
+    return [
+        Federation(_single(n, spans[n]), {n: spans[n]}, opts(tree, {n: per_round}), no_keys, {n: n}, {}) for n in names
+    ]
 
 
 class LocalTrainer:
     """Owns the working model and, per node, an AdamW state and a data sampler (engine's NodeTrainer)."""
 
-    def __init__(self, model: GPT, layout: ParamLayout, client: ClientOptConfig, schedule: Schedule,
-                 on_train: Callable[[str, int, int, Any], None], on_step: Callable[[str, int, float], None]) -> None:
+    def __init__(
+        self,
+        model: GPT,
+        layout: ParamLayout,
+        client: ClientOptConfig,
+        schedule: Schedule,
+        on_train: Callable[[str, int, int, Any], None],
+        on_step: Callable[[str, int, float], None],
+    ) -> None:
         self.model = model
         self.layout = layout
         self.client = client
@@ -119,8 +136,16 @@ class LocalTrainer:
 
     def train(self, node: str, params: Tensor, start_step: int, n_steps: int) -> Tensor:
         self.layout.load(self.model, params)
-        stats = train_steps(self.model, self.opts[node], self.samplers[node].next, self.schedule, start_step,
-                            n_steps, self.client.grad_clip, on_step=lambda step, loss: self.on_step(node, step, loss))
+        stats = train_steps(
+            self.model,
+            self.opts[node],
+            self.samplers[node].next,
+            self.schedule,
+            start_step,
+            n_steps,
+            self.client.grad_clip,
+            on_step=lambda step, loss: self.on_step(node, step, loss),
+        )
         self.on_train(node, start_step, n_steps, stats)
         return self.layout.flatten(self.model)
 
@@ -148,8 +173,12 @@ def run(cfg: C.Config, out: Path, progress: ProgressFn | None = None) -> dict[st
     per_round = sequential_span(feds[0].tree, feds[0].tree.root, feds[0].opts)
     total_seq = per_round * cfg.train.rounds
     t = cfg.train
-    schedule = Schedule(t.lr_max, t.lr_alpha, t.warmup_steps if t.warmup_steps >= 0 else max(1, total_seq // 10),
-                        t.total_steps if t.total_steps >= 0 else total_seq)
+    schedule = Schedule(
+        t.lr_max,
+        t.lr_alpha,
+        t.warmup_steps if t.warmup_steps >= 0 else max(1, total_seq // 10),
+        t.total_steps if t.total_steps >= 0 else total_seq,
+    )
     client = ClientOptConfig(t.weight_decay, t.beta1, t.beta2, t.grad_clip)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -160,14 +189,31 @@ def run(cfg: C.Config, out: Path, progress: ProgressFn | None = None) -> dict[st
     emit_progress = progress or (lambda _e: None)
 
     def on_train(node: str, start_step: int, n_steps: int, stats: Any) -> None:
-        metrics.write({"round": state["round"], "stage": current_level[node] + 1, "node": node, "split": "train",
-                       "loss": stats.loss, "ppl": math.exp(min(stats.loss, 50.0)), "tokens": stats.tokens,
-                       "seconds": round(stats.seconds, 4), "tokens_per_s": round(stats.tokens / stats.seconds, 1),
-                       "step": start_step + n_steps})
+        metrics.write(
+            {
+                "round": state["round"],
+                "stage": current_level[node] + 1,
+                "node": node,
+                "split": "train",
+                "loss": stats.loss,
+                "ppl": math.exp(min(stats.loss, 50.0)),
+                "tokens": stats.tokens,
+                "seconds": round(stats.seconds, 4),
+                "tokens_per_s": round(stats.tokens / stats.seconds, 1),
+                "step": start_step + n_steps,
+            }
+        )
 
     def on_step(node: str, step: int, loss: float) -> None:
-        emit_progress({"kind": "step", "node": node, "step": step, "loss": loss,
-                       "tokens": t.batch_size * cfg.model.seq_len})
+        emit_progress(
+            {
+                "kind": "step",
+                "node": node,
+                "step": step,
+                "loss": loss,
+                "tokens": t.batch_size * cfg.model.seq_len,
+            }
+        )
 
     trainer = LocalTrainer(model, layout, client, schedule, on_train, on_step)
     current_level: dict[str, int] = {}
@@ -180,8 +226,10 @@ def run(cfg: C.Config, out: Path, progress: ProgressFn | None = None) -> dict[st
                 so = next((n.server_opt for n in cfg.tree.nodes if n.name == name and n.server_opt), None)
                 fed.states[name].server_opt = make_server_opt(_server_opt_cfg(so or cfg.federation.server_opt))
             if node.trains:
-                trainer.add_node(name, BatchSampler(data, fed.spans[name], cfg.model.seq_len, t.batch_size,
-                                                    node_seed(cfg.seed, name)))
+                trainer.add_node(
+                    name,
+                    BatchSampler(data, fed.spans[name], cfg.model.seq_len, t.batch_size, node_seed(cfg.seed, name)),
+                )
 
     windows: dict[tuple[str, str], Tensor] = {}
     n_windows = cfg.eval.batches * cfg.eval.batch_size
@@ -197,9 +245,18 @@ def run(cfg: C.Config, out: Path, progress: ProgressFn | None = None) -> dict[st
                 layout.load(model, deployed[engine_node])
                 loss, ppl = evaluate(model, windows[(user_node, split)], cfg.eval.batch_size)
                 results[user_node] = {"loss": loss, "ppl": ppl}
-                metrics.write({"round": rnd, "stage": None, "node": user_node, "split": split, "loss": loss,
-                               "ppl": ppl, "tokens": int(windows[(user_node, split)][:, 1:].numel()),
-                               "step": (rnd + 1) * per_round})
+                metrics.write(
+                    {
+                        "round": rnd,
+                        "stage": None,
+                        "node": user_node,
+                        "split": split,
+                        "loss": loss,
+                        "ppl": ppl,
+                        "tokens": int(windows[(user_node, split)][:, 1:].numel()),
+                        "step": (rnd + 1) * per_round,
+                    }
+                )
         emit_progress({"kind": "eval", "split": split, "round": rnd, "results": results})
         return results
 
@@ -211,10 +268,17 @@ def run(cfg: C.Config, out: Path, progress: ProgressFn | None = None) -> dict[st
             edge_bytes[key] = edge_bytes.get(key, 0) + int(str(event["bytes"]))
         metrics.write(event)
 
-    steps_per_round = sum(f.opts.local_steps[n] * cfg.federation.sub_rounds ** f.tree[n].level
-                          for f in feds for n in f.tree.order)
-    emit_progress({"kind": "start", "method": cfg.method, "total_steps": steps_per_round * cfg.train.rounds,
-                   "rounds": cfg.train.rounds})
+    steps_per_round = sum(
+        f.opts.local_steps[n] * cfg.federation.sub_rounds ** f.tree[n].level for f in feds for n in f.tree.order
+    )
+    emit_progress(
+        {
+            "kind": "start",
+            "method": cfg.method,
+            "total_steps": steps_per_round * cfg.train.rounds,
+            "rounds": cfg.train.rounds,
+        }
+    )
     val: dict[str, dict[str, float]] = {}
     for rnd in range(cfg.train.rounds):
         state["round"] = rnd
