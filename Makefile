@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/worldlm prepare --recipe languages
+	$(BIN)/worldlm prepare configs/demo.toml
 	$(BIN)/worldlm compare configs/demo.toml --methods worldlm,fl --out runs/demo --force
 
 lint: $(STAMP)

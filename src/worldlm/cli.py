@@ -21,7 +21,8 @@ def _prepare(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     log = (lambda msg: None) if args.quiet else (lambda msg: console.print(f"[dim]prepare[/] {msg}"))
     if args.recipe:
-        prepared = prepare_recipe(args.recipe, out or Path("data") / args.recipe, progress=log)
+        vocab = args.vocab_size or C.DataConfig().vocab_size
+        prepared = prepare_recipe(args.recipe, out or Path("data") / args.recipe, vocab_size=vocab, progress=log)
     else:
         if not args.config:
             raise C.ConfigError("prepare needs --recipe languages|domains or a CONFIG with data.recipe/data.sources")
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, config_required=False)
     p.add_argument("--recipe", choices=["languages", "domains"], help="offline corpus recipe")
     p.add_argument("--out", help="output directory (default: data/<recipe> or the config's data.path)")
+    p.add_argument("--vocab-size", type=int, help="BPE vocabulary size with --recipe (default 4096)")
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("train", help="train one method on the configured tree; writes runs/<name>/")

@@ -17,6 +17,7 @@ from typing import Any
 
 import tomli_w
 
+from worldlm.data.prepared import DEFAULT_VOCAB
 from worldlm.errors import ConfigError
 
 METHODS = ("worldlm", "fl", "hierfavg", "fedper", "centralized", "local")
@@ -36,7 +37,7 @@ class SourceConfig:
 class DataConfig:
     path: str = "data/languages"  # a prepared directory (manifest.json, tokenizer.json, tokens/)
     recipe: str = ""  # languages | domains: `worldlm prepare CONFIG` builds it at `path`
-    vocab_size: int = 8192
+    vocab_size: int = DEFAULT_VOCAB  # BPE vocabulary trained by `worldlm prepare`
     leaf_shards: int = 3  # paper A.2: a leaf gets 3 equal shards of each of its sources
     inner_shards: int = 2  # ... every other level 2
     sources: dict[str, SourceConfig] = field(default_factory=dict)
@@ -67,7 +68,7 @@ class TrainConfig:
 
 @dataclass
 class ServerOptSettings:
-    kind: str = "fedavgm"
+    kind: str = "fedavg"  # evidence: results/server-opt-sweep (momentum overshoots in short runs)
     lr: float = 1.0
     momentum: float = 0.9
     beta1: float = 0.9
@@ -89,6 +90,10 @@ class EvalConfig:
     batches: int = 8  # evaluation batches per node and split
     batch_size: int = 16
     every_round: bool = True  # validation perplexity after every round (test only at the end)
+    # Which model is a node's personalised model: "deployed" = what it holds after the next downward
+    # pass (parent backbone, keys aggregated with the parent's; FL: the global model); "local" = its
+    # own state at the end of the round (leaves: after local training; inner nodes: after aggregation).
+    model: str = "deployed"
 
 
 @dataclass
@@ -274,6 +279,7 @@ def validate(cfg: Config) -> None:
     for node in cfg.tree.nodes:
         if node.server_opt is not None:
             _validate_server_opt(node.server_opt, f"tree.nodes '{node.name}'.server_opt")
+    _check(cfg.eval.model in ("deployed", "local"), f"eval.model must be 'deployed' or 'local', got '{cfg.eval.model}'")
     _check(cfg.eval.batches >= 1 and cfg.eval.batch_size >= 1, "eval.batches and eval.batch_size must be >= 1")
     d = cfg.data
     _check(d.leaf_shards >= 1 and d.inner_shards >= 1, "data.leaf_shards and data.inner_shards must be >= 1")

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from worldlm.data.prepared import FORMAT_VERSION, MANIFEST, SPLITS, Prepared, load_prepared
+from worldlm.data.prepared import DEFAULT_VOCAB, FORMAT_VERSION, MANIFEST, SPLITS, Prepared, load_prepared
 from worldlm.data.recipes import DEFAULT_MAX_CHARS, build_recipe, recipe_fingerprint
 from worldlm.data.sources import SourceSpec, read_documents, source_files
 from worldlm.data.tokenizer import (
@@ -50,7 +50,7 @@ def prepare_sources(
     specs: Mapping[str, SourceSpec],
     out: str | Path,
     *,
-    vocab_size: int = 8192,
+    vocab_size: int = DEFAULT_VOCAB,
     seed: int = 0,
     val_fraction: float = 0.05,
     test_fraction: float = 0.05,
@@ -95,7 +95,7 @@ def prepare_recipe(
     name: str,
     out: str | Path,
     *,
-    vocab_size: int = 8192,
+    vocab_size: int = DEFAULT_VOCAB,
     seed: int = 0,
     progress: Progress | None = None,
     max_chars: int = DEFAULT_MAX_CHARS,

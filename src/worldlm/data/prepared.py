@@ -28,6 +28,8 @@ from worldlm.errors import DataError
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+# 4k suits the tiny presets (at 8k the embedding is most of a ~1M model); DESIGN §3 allows 4k–16k.
+DEFAULT_VOCAB = 4096
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,13 @@ def plan(cfg: C.Config, tree: Tree, spans: dict[str, list[Span]], layout: ParamL
     ]
 
 
+def personal_models(fed: Federation, which: str) -> dict[str, Tensor]:
+    """Each engine node's personalised model (see eval.model in config.py)."""
+    if which == "deployed":
+        return deployed_models(fed.tree, fed.states, fed.split, fed.opts)
+    return {name: st.params for name, st in fed.states.items()}
+
+
 class LocalTrainer:
     """Owns the working model and, per node, an AdamW state and a data sampler (engine's NodeTrainer)."""
 
@@ -240,7 +247,7 @@ def run(cfg: C.Config, out: Path, progress: ProgressFn | None = None) -> dict[st
     def evaluate_all(split: str, rnd: int) -> dict[str, dict[str, float]]:
         results: dict[str, dict[str, float]] = {}
         for fed in feds:
-            deployed = deployed_models(fed.tree, fed.states, fed.split, fed.opts)
+            deployed = personal_models(fed, cfg.eval.model)
             for user_node, engine_node in fed.evaluates.items():
                 layout.load(model, deployed[engine_node])
                 loss, ppl = evaluate(model, windows[(user_node, split)], cfg.eval.batch_size)
@@ -290,7 +297,7 @@ def run(cfg: C.Config, out: Path, progress: ProgressFn | None = None) -> dict[st
     metrics.close()
 
     for fed in feds:
-        deployed = deployed_models(fed.tree, fed.states, fed.split, fed.opts)
+        deployed = personal_models(fed, cfg.eval.model)
         for user_node, engine_node in fed.evaluates.items():
             layout.load(model, deployed[engine_node])
             tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
