@@ -251,3 +251,12 @@ sources = ["fr"]
     assert summary["sequential_steps"] == 2 * 4 * 3 and len(summary["nodes"]) == 9
     stages = {json.loads(line).get("stage") for line in (out / "metrics.jsonl").read_text().splitlines()}
     assert {1, 2, 3, 4} <= stages
+
+
+def test_eval_model_local_uses_each_nodes_own_state(tmp_path: Path, data: Path) -> None:
+    deployed = run_cli(tmp_path, data, "worldlm", "eval.model=deployed")
+    local = run_cli(tmp_path, data, "worldlm")  # eval.model = "local" is the default
+    nodes_d, nodes_l = deployed["nodes"], local["nodes"]
+    assert isinstance(nodes_d, dict) and isinstance(nodes_l, dict)
+    assert nodes_d["root"] == nodes_l["root"]  # the root's deployed model is its own state
+    assert all(nodes_d[n]["ppl"] != nodes_l[n]["ppl"] for n in ("fr", "it", "uk", "ru"))

@@ -93,7 +93,7 @@ class EvalConfig:
     # Which model is a node's personalised model: "deployed" = what it holds after the next downward
     # pass (parent backbone, keys aggregated with the parent's; FL: the global model); "local" = its
     # own state at the end of the round (leaves: after local training; inner nodes: after aggregation).
-    model: str = "deployed"
+    model: str = "local"
 
 
 @dataclass

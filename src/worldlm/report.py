@@ -50,12 +50,13 @@ def progress_display(quiet: bool) -> Iterator[Any]:
                 loss=float("nan"),
                 tps=0.0,
             )
-            task["t"] = time.perf_counter()
+            task["t"], task["tps"] = time.perf_counter(), 0.0
         elif kind == "step":
             now = time.perf_counter()
             tps = event.get("tokens", 0) / max(now - task["t"], 1e-9)
             task["t"] = now
-            bar.update(task["id"], advance=1, node=event["node"], loss=event["loss"], tps=tps)
+            task["tps"] = tps if not task.get("tps") else 0.9 * task["tps"] + 0.1 * tps  # smoothed
+            bar.update(task["id"], advance=1, node=event["node"], loss=event["loss"], tps=task["tps"])
         elif kind == "eval":
             ppl = [r["ppl"] for r in event["results"].values()]
             bar.console.print(
