@@ -90,6 +90,20 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from worldlm.bench import run_bench
+    from worldlm.report import console
+
+    result = run_bench(Path(args.out), preset=args.preset, steps=args.steps)
+    if not args.quiet:
+        for row in result["training_loop"]:
+            console.print(
+                f"{row['preset']} threads={row['threads']} {row['precision']}: {row['tokens_per_s']:,.0f} tok/s"
+            )
+        console.print(f"results: {Path(args.out) / 'results.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="worldlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory for the runs and the comparison (default: runs/<name>)")
     p.add_argument("--force", action="store_true", help="overwrite an existing directory")
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser("bench", help="measure training throughput (precision, threads); writes bench/results.*")
+    p.add_argument("--out", default="bench", help="output directory (default: bench)")
+    p.add_argument("--preset", default="nano", help="model preset (default: nano)")
+    p.add_argument("--steps", type=int, default=20, help="timed fp32 steps per setting (default: 20)")
+    p.add_argument("--quiet", action="store_true", help="no output")
+    p.set_defaults(func=_bench)
     return parser
 
 
