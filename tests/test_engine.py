@@ -260,3 +260,17 @@ def test_eval_model_local_uses_each_nodes_own_state(tmp_path: Path, data: Path) 
     assert isinstance(nodes_d, dict) and isinstance(nodes_l, dict)
     assert nodes_d["root"] == nodes_l["root"]  # the root's deployed model is its own state
     assert all(nodes_d[n]["ppl"] != nodes_l[n]["ppl"] for n in ("fr", "it", "uk", "ru"))
+
+
+def test_bytes_per_edge_are_the_exchanged_parameters(tmp_path: Path, data: Path) -> None:
+    hier = run_cli(tmp_path, data, "hierfavg")
+    fedper = run_cli(tmp_path, data, "fedper")
+    params = int(str(hier["parameters"]))
+    edges = hier["bytes_per_edge"]
+    assert isinstance(edges, dict) and len(edges) == 12  # 6 tree edges, both directions
+    assert set(edges.values()) == {2 * params * 4}  # 2 rounds x all parameters x float32
+    # FedPer keeps its key blocks home: every edge carries the backbone only
+    fedper_edges = fedper["bytes_per_edge"]
+    assert isinstance(fedper_edges, dict) and max(fedper_edges.values()) < 2 * params * 4
+    nodes = hier["nodes"]
+    assert isinstance(nodes, dict) and nodes["fr"]["bytes_sent"] == 2 * params * 4

@@ -308,7 +308,16 @@ def run(cfg: C.Config, out: Path, progress: ProgressFn | None = None) -> dict[st
         "name": cfg.name,
         "method": cfg.method,
         "seed": cfg.seed,
-        "nodes": {n: {"ppl": test[n]["ppl"], "loss": test[n]["loss"], "val_ppl": val[n]["ppl"]} for n in tree.order},
+        "nodes": {
+            n: {
+                "ppl": test[n]["ppl"],
+                "loss": test[n]["loss"],
+                "val_ppl": val[n]["ppl"],
+                "bytes_sent": sum(v for (src, _), v in edge_bytes.items() if src == n),
+                "bytes_received": sum(v for (_, dst), v in edge_bytes.items() if dst == n),
+            }
+            for n in tree.order
+        },
         "mean_ppl": float(ppls.mean()),
         "std_ppl": float(ppls.std()),
         "rounds": cfg.train.rounds,
