@@ -13,7 +13,15 @@ from fixtures import make_prepared, tiny_config
 from worldlm.cli import main
 from worldlm.federation.server_opt import ServerOptConfig, make_server_opt
 from worldlm.federation.tree import NodeSpec, Tree, build_tree, flat_tree
-from worldlm.federation.worldlm import FedOptions, NodeState, Split, deployed_models, run_round
+from worldlm.federation.worldlm import (
+    FedOptions,
+    NodeState,
+    Split,
+    deployed_models,
+    run_round,
+    sequential_span,
+    trainings_per_round,
+)
 
 TREE = build_tree(
     [
@@ -274,3 +282,21 @@ def test_bytes_per_edge_are_the_exchanged_parameters(tmp_path: Path, data: Path)
     assert isinstance(fedper_edges, dict) and max(fedper_edges.values()) < 2 * params * 4
     nodes = hier["nodes"]
     assert isinstance(nodes, dict) and nodes["fr"]["bytes_sent"] == 2 * params * 4
+
+
+def test_sub_rounds_repeat_subtrees_on_one_clock() -> None:
+    size, s = 4, 2
+    states = states_for(TREE, size, ServerOptConfig(kind="fedavg"))
+    trainer = FakeTrainer(size)
+    opts = FedOptions(local_steps={n: s for n in TREE.order}, sub_rounds=2, nu=1)
+    split = keyed_split(2, 1, 2)
+    events: list[dict[str, object]] = []
+    run_round(TREE, states, split, opts, 0, trainer, events.append)
+    counts = {n: sum(1 for node, _, _ in trainer.calls if node == n) for n in TREE.order}
+    assert counts == {n: trainings_per_round(TREE, n, opts) for n in TREE.order}
+    assert (counts["root"], counts["A"], counts["a1"]) == (2, 4, 4)
+    assert sequential_span(TREE, "root", opts) == 2 * (s + 2 * (s + s))
+    assert max(start + n for _, start, n in trainer.calls) == sequential_span(TREE, "root", opts)
+    # residuals picked by a region in both of its sub-rounds reach the root
+    region_picks = [e for e in events if e["event"] == "residual_pick" and e["node"] in ("A", "B")]
+    assert len(region_picks) == 2 * 2 * 2  # 2 regions x 2 root sub-rounds x 2 own sub-rounds (nu=1, L=1)

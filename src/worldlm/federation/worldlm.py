@@ -187,6 +187,12 @@ def sequential_span(tree: Tree, node: str, opts: FedOptions) -> int:
     return opts.sub_rounds * (opts.local_steps[node] + below) if children else opts.local_steps[node]
 
 
+def trainings_per_round(tree: Tree, node: str, opts: FedOptions) -> int:
+    """How often `node` trains in one global round: once per sub-round of each inner ancestor and its own."""
+    inner = [n for n in tree.path_to_root(node) if tree[n].children]
+    return int(opts.sub_rounds ** len(inner))
+
+
 def run_round(
     tree: Tree,
     states: dict[str, NodeState],
@@ -202,8 +208,8 @@ def run_round(
     def visit(q: str, step: int) -> Update:
         st = states[q]
         children = list(tree[q].children)
-        visits = opts.sub_rounds if children else 1
-        for _ in range(visits):
+        outbox: list[Residual] = []  # residuals this subtree sends up
+        for _ in range(opts.sub_rounds if children else 1):  # T_q sub-rounds per parent visit
             if opts.local_steps[q] > 0:  # 4.i: local training with ClientOpt on the global clock
                 st.params = trainer.train(q, st.params, step, opts.local_steps[q])
             step += opts.local_steps[q]
@@ -241,11 +247,11 @@ def run_round(
                     }
                 )
             forwarded = picked + [r for u in updates for r in u.residuals]
-            if q == tree.root:  # the root routes everything down next round
+            if q == tree.root:  # the root routes everything down at its next visit of its children
                 st.to_route = forwarded
             else:
-                return Update(st.params.clone(), forwarded)
-        return Update(st.params.clone(), [])
+                outbox.extend(forwarded)
+        return Update(st.params.clone(), outbox)
 
     def _send_down(q: str, c: str, routed: list[Residual], rnd: int) -> None:
         child = states[c]

@@ -34,6 +34,7 @@ from worldlm.federation.worldlm import (
     deployed_models,
     run_round,
     sequential_span,
+    trainings_per_round,
 )
 from worldlm.io import JsonlWriter, atomic_write_bytes, atomic_write_json, atomic_write_text
 from worldlm.model import GPT, ParamLayout, gpt_config
@@ -276,7 +277,7 @@ def run(cfg: C.Config, out: Path, progress: ProgressFn | None = None) -> dict[st
         metrics.write(event)
 
     steps_per_round = sum(
-        f.opts.local_steps[n] * cfg.federation.sub_rounds ** f.tree[n].level for f in feds for n in f.tree.order
+        f.opts.local_steps[n] * trainings_per_round(f.tree, n, f.opts) for f in feds for n in f.tree.order
     )
     emit_progress(
         {
