@@ -228,7 +228,8 @@ def test_run_directory_contract(tmp_path: Path, data: Path) -> None:
     assert any(r.get("event") == "attention" for r in records)
     assert any(r.get("event") == "edge" for r in records)
     assert (out / "config.toml").is_file()
-    assert len(list((out / "checkpoints").glob("*.safetensors"))) == 7
+    assert len(list((out / "checkpoints" / "final").glob("*.safetensors"))) == 7
+    assert (out / "checkpoints" / "round-0002" / "manifest.json").is_file()
     assert main(["train", str(cfg), "--out", str(out), "--quiet"]) == 2  # refuses to overwrite
 
 

@@ -59,9 +59,17 @@ def _train(args: argparse.Namespace) -> int:
     from worldlm.runners.local import run
 
     cfg = C.load_config(args.config, args.set)
-    out = _out_dir(args.out, cfg.name, args.force)
+    if args.resume:
+        out = Path(args.out) if args.out else Path("runs") / cfg.name
+        if (out / "summary.json").is_file():
+            console.print(f"{out} is already complete (summary.json exists); nothing to resume")
+            return 0
+        if not out.is_dir():
+            raise WorldLMError(f"cannot resume: run directory {out} does not exist; drop --resume to start it")
+    else:
+        out = _out_dir(args.out, cfg.name, args.force)
     with progress_display(quiet=args.quiet) as progress:
-        summary = run(cfg, out, progress)
+        summary = run(cfg, out, progress, resume=args.resume, warn=lambda m: print(f"worldlm: {m}", file=sys.stderr))
     if not args.quiet:
         print_summary(summary)
         console.print(f"run directory: {out}")
@@ -87,6 +95,13 @@ def _compare(args: argparse.Namespace) -> int:
         with progress_display(quiet=args.quiet) as progress:
             summaries[method] = run(cfg, root / method, progress)
     compare_runs(summaries, root, quiet=args.quiet)
+    return 0
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from worldlm.experiments import run_experiment
+
+    run_experiment(args.config, Path(args.out_root), args.set, quiet=args.quiet)
     return 0
 
 
@@ -130,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--out", help="run directory (default: runs/<name>)")
     p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's newest valid checkpoint")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("compare", help="train several methods on the same tree and compare them")
@@ -138,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory for the runs and the comparison (default: runs/<name>)")
     p.add_argument("--force", action="store_true", help="overwrite an existing directory")
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser("experiment", help="run a grid of methods × seeds × variants; writes results/<name>/report.md")
+    common(p)
+    p.add_argument("--out-root", default="results", help="parent of the experiment directory (default: results)")
+    p.set_defaults(func=_experiment)
 
     p = sub.add_parser("bench", help="measure training throughput (precision, threads); writes bench/results.*")
     p.add_argument("--out", default="bench", help="output directory (default: bench)")

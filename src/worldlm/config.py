@@ -97,6 +97,12 @@ class EvalConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every: int = 1  # rounds between checkpoints of the whole federation
+    keep: int = 2  # newest checkpoints kept
+
+
+@dataclass
 class NodeConfig:
     name: str = ""
     parent: str = ""  # empty: the root
@@ -120,6 +126,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tree: TreeConfig = field(default_factory=TreeConfig)
 
 
@@ -281,6 +288,7 @@ def validate(cfg: Config) -> None:
             _validate_server_opt(node.server_opt, f"tree.nodes '{node.name}'.server_opt")
     _check(cfg.eval.model in ("deployed", "local"), f"eval.model must be 'deployed' or 'local', got '{cfg.eval.model}'")
     _check(cfg.eval.batches >= 1 and cfg.eval.batch_size >= 1, "eval.batches and eval.batch_size must be >= 1")
+    _check(cfg.checkpoint.every >= 1 and cfg.checkpoint.keep >= 1, "checkpoint.every and checkpoint.keep must be >= 1")
     d = cfg.data
     _check(d.leaf_shards >= 1 and d.inner_shards >= 1, "data.leaf_shards and data.inner_shards must be >= 1")
     _check(256 < d.vocab_size <= 65535 * 4, f"data.vocab_size must be in (256, 262140], got {d.vocab_size}")

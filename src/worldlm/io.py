@@ -40,10 +40,13 @@ class JsonlWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = self.path.open("a", encoding="utf-8")
+        with self.path.open(encoding="utf-8") as fh:
+            self.lines = sum(1 for _ in fh)  # records in the file, so a checkpoint can note the offset
 
     def write(self, record: dict[str, Any]) -> None:
         self._fh.write(json.dumps(record, separators=(",", ":")) + "\n")
         self._fh.flush()
+        self.lines += 1
 
     def close(self) -> None:
         self._fh.close()

@@ -44,6 +44,7 @@ def progress_display(quiet: bool) -> Iterator[Any]:
             task["method"] = event["method"]
             task["id"] = bar.add_task(
                 "train",
+                completed=event.get("done_steps", 0),
                 total=event["total_steps"],
                 method=event["method"],
                 node="-",

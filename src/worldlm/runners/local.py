@@ -7,10 +7,14 @@ personalised model, and writes the run directory (DESIGN §4).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import sys
+import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,7 @@ from torch import Tensor
 from worldlm import config as C
 from worldlm.data.mixture import BatchSampler, Span, assign_shards, eval_windows
 from worldlm.data.prepared import load_prepared
+from worldlm.errors import WorldLMError
 from worldlm.evaluate import evaluate
 from worldlm.federation.server_opt import ServerOptConfig, make_server_opt
 from worldlm.federation.tree import NodeSpec, Tree, TreeNode, build_tree, flat_tree
@@ -30,6 +35,7 @@ from worldlm.federation.worldlm import (
     BYTES_PER_VALUE,
     FedOptions,
     NodeState,
+    Residual,
     Split,
     deployed_models,
     run_round,
@@ -38,7 +44,8 @@ from worldlm.federation.worldlm import (
 )
 from worldlm.io import JsonlWriter, atomic_write_bytes, atomic_write_json, atomic_write_text
 from worldlm.model import GPT, ParamLayout, gpt_config
-from worldlm.train import ClientOptConfig, Schedule, make_client_opt, train_steps
+from worldlm.runners.checkpoint import Snapshot, load_latest, save_checkpoint
+from worldlm.train import ClientOptConfig, Schedule, TrainStats, make_client_opt, train_steps
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -79,7 +86,7 @@ def plan(cfg: C.Config, tree: Tree, spans: dict[str, list[Span]], layout: ParamL
     keys = Split(layout.backbone_size, layout.key_blocks, layout.key_size)
     no_keys = Split(layout.total, 0, 0)
 
-    def opts(t: Tree, steps: dict[str, int], **kw: Any) -> FedOptions:
+    def opts(steps: dict[str, int], **kw: Any) -> FedOptions:
         return FedOptions(
             local_steps=steps,
             nu=fed.nu,
@@ -92,21 +99,19 @@ def plan(cfg: C.Config, tree: Tree, spans: dict[str, list[Span]], layout: ParamL
     names = list(tree.order)
     if cfg.method in ("worldlm", "hierfavg", "fedper"):
         split = no_keys if cfg.method == "hierfavg" else keys
-        o = opts(tree, {n: s for n in names}, share_keys=cfg.method == "worldlm")
+        o = opts({n: s for n in names}, share_keys=cfg.method == "worldlm")
         return [Federation(tree, spans, o, split, {n: n for n in names}, {})]
     if cfg.method == "fl":
         flat = flat_tree(tree)
         steps = {n: (0 if n == flat.root else per_round) for n in flat.order}
-        return [Federation(flat, spans, opts(flat, steps), no_keys, {n: n for n in names}, {})]
+        return [Federation(flat, spans, opts(steps), no_keys, {n: n for n in names}, {})]
     if cfg.method == "centralized":
         pooled = [sp for n in names for sp in spans[n]]
         single = _single("centralized", pooled)
-        o = opts(single, {"centralized": per_round})
+        o = opts({"centralized": per_round})
         return [Federation(single, {"centralized": pooled}, o, no_keys, {n: "centralized" for n in names}, {})]
     # local: every node alone on its own data for the same sequential steps
-    return [
-        Federation(_single(n, spans[n]), {n: spans[n]}, opts(tree, {n: per_round}), no_keys, {n: n}, {}) for n in names
-    ]
+    return [Federation(_single(n, spans[n]), {n: spans[n]}, opts({n: per_round}), no_keys, {n: n}, {}) for n in names]
 
 
 def personal_models(fed: Federation, which: str) -> dict[str, Tensor]:
@@ -119,23 +124,15 @@ def personal_models(fed: Federation, which: str) -> dict[str, Tensor]:
 class LocalTrainer:
     """Owns the working model and, per node, an AdamW state and a data sampler (engine's NodeTrainer)."""
 
-    def __init__(
-        self,
-        model: GPT,
-        layout: ParamLayout,
-        client: ClientOptConfig,
-        schedule: Schedule,
-        on_train: Callable[[str, int, int, Any], None],
-        on_step: Callable[[str, int, float], None],
-    ) -> None:
+    def __init__(self, model: GPT, layout: ParamLayout, client: ClientOptConfig, schedule: Schedule) -> None:
         self.model = model
         self.layout = layout
         self.client = client
         self.schedule = schedule
         self.samplers: dict[str, BatchSampler] = {}
         self.opts: dict[str, torch.optim.Optimizer] = {}
-        self.on_train = on_train
-        self.on_step = on_step
+        self.on_train: Callable[[str, int, int, TrainStats], None] = lambda *_: None
+        self.on_step: Callable[[str, int, float], None] = lambda *_: None
 
     def add_node(self, name: str, sampler: BatchSampler) -> None:
         self.samplers[name] = sampler
@@ -163,44 +160,90 @@ def node_seed(seed: int, name: str) -> int:
     return int(np.random.SeedSequence([seed, zlib.crc32(name.encode())]).generate_state(1)[0])
 
 
-def run(cfg: C.Config, out: Path, progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Train `cfg.method` on the configured tree and write the run directory; returns summary.json."""
-    t_start = time.perf_counter()
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    tree = tree_from_config(cfg)
-    data = load_prepared(cfg.data.path)
-    train_sizes = {src: data.splits[src]["train"].tokens for src in data.sources}
-    spans = assign_shards(tree, train_sizes, cfg.data.leaf_shards, cfg.data.inner_shards)
-    torch.manual_seed(cfg.seed)
-    model = GPT(gpt_config(cfg.model.preset, data.vocab_size, cfg.model.seq_len))
-    kb = C.key_blocks(cfg)
-    layout = ParamLayout(model, kb if cfg.method in ("worldlm", "fedper") else 0)
-    init = layout.flatten(model)
-    feds = plan(cfg, tree, spans, layout)
-    per_round = sequential_span(feds[0].tree, feds[0].tree.root, feds[0].opts)
-    total_seq = per_round * cfg.train.rounds
-    t = cfg.train
-    schedule = Schedule(
-        t.lr_max,
-        t.lr_alpha,
-        t.warmup_steps if t.warmup_steps >= 0 else max(1, total_seq // 10),
-        t.total_steps if t.total_steps >= 0 else total_seq,
-    )
-    client = ClientOptConfig(t.weight_decay, t.beta1, t.beta2, t.grad_clip)
+class Interrupted(WorldLMError):
+    """SIGINT/SIGTERM: the run stopped at a round boundary after writing a checkpoint."""
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "checkpoints").mkdir(exist_ok=True)
-    atomic_write_text(out / "config.toml", C.dumps(cfg))
-    metrics = JsonlWriter(out / "metrics.jsonl")
-    state = {"round": 0}
-    emit_progress = progress or (lambda _e: None)
+    exit_code = 130
 
-    def on_train(node: str, start_step: int, n_steps: int, stats: Any) -> None:
-        metrics.write(
+
+class LocalRun:
+    """One method on one tree, in this process: set-up, rounds, evaluation, checkpoints, summary."""
+
+    def __init__(self, cfg: C.Config, out: Path, progress: ProgressFn | None = None) -> None:
+        self.cfg, self.out = cfg, out
+        self.progress = progress or (lambda _e: None)
+        if cfg.train.threads > 0:
+            torch.set_num_threads(cfg.train.threads)
+        self.tree = tree_from_config(cfg)
+        self.data = load_prepared(cfg.data.path)
+        train_sizes = {src: self.data.splits[src]["train"].tokens for src in self.data.sources}
+        self.spans = assign_shards(self.tree, train_sizes, cfg.data.leaf_shards, cfg.data.inner_shards)
+        torch.manual_seed(cfg.seed)
+        self.model = GPT(gpt_config(cfg.model.preset, self.data.vocab_size, cfg.model.seq_len))
+        key_blocks = C.key_blocks(cfg) if cfg.method in ("worldlm", "fedper") else 0
+        self.layout = ParamLayout(self.model, key_blocks)
+        self.feds = plan(cfg, self.tree, self.spans, self.layout)
+        first = self.feds[0]
+        self.per_round = sequential_span(first.tree, first.tree.root, first.opts)
+        self.total_seq = self.per_round * cfg.train.rounds
+        t = cfg.train
+        schedule = Schedule(
+            t.lr_max,
+            t.lr_alpha,
+            t.warmup_steps if t.warmup_steps >= 0 else max(1, self.total_seq // 10),
+            t.total_steps if t.total_steps >= 0 else self.total_seq,
+        )
+        self.trainer = LocalTrainer(
+            self.model, self.layout, ClientOptConfig(t.weight_decay, t.beta1, t.beta2, t.grad_clip), schedule
+        )
+        self.trainer.on_train, self.trainer.on_step = self._on_train, self._on_step
+        self._init_nodes()
+        n_windows = cfg.eval.batches * cfg.eval.batch_size
+        self.windows = {
+            (name, split): eval_windows(self.data, self.spans[name], split, cfg.model.seq_len, n_windows)
+            for name in self.tree.order
+            for split in ("val", "test")
+        }
+        self.round = 0  # rounds completed
+        self.edge_bytes: dict[str, int] = {}
+        self.val: dict[str, dict[str, float]] = {}
+        self.metrics: JsonlWriter | None = None
+        self.t_start = time.perf_counter()
+        self.elapsed_before = 0.0  # wall seconds of earlier sessions of a resumed run
+
+    def _init_nodes(self) -> None:
+        init = self.layout.flatten(self.model)
+        self.level: dict[str, int] = {}
+        for fed in self.feds:
+            for name in fed.tree.order:
+                node = fed.tree[name]
+                self.level[name] = node.level
+                fed.states[name] = NodeState(params=init.clone())
+                if node.children:
+                    own = next((n.server_opt for n in self.cfg.tree.nodes if n.name == name and n.server_opt), None)
+                    settings = own or self.cfg.federation.server_opt
+                    fed.states[name].server_opt = make_server_opt(_server_opt_cfg(settings))
+                if node.trains:
+                    sampler = BatchSampler(
+                        self.data,
+                        fed.spans[name],
+                        self.cfg.model.seq_len,
+                        self.cfg.train.batch_size,
+                        node_seed(self.cfg.seed, name),
+                    )
+                    self.trainer.add_node(name, sampler)
+
+    # ------------------------------------------------------------------ observability
+
+    def _write(self, record: dict[str, Any]) -> None:
+        assert self.metrics is not None
+        self.metrics.write(record)
+
+    def _on_train(self, node: str, start_step: int, n_steps: int, stats: TrainStats) -> None:
+        self._write(
             {
-                "round": state["round"],
-                "stage": current_level[node] + 1,
+                "round": self.round,
+                "stage": self.level[node] + 1,
                 "node": node,
                 "split": "train",
                 "loss": stats.loss,
@@ -212,48 +255,28 @@ def run(cfg: C.Config, out: Path, progress: ProgressFn | None = None) -> dict[st
             }
         )
 
-    def on_step(node: str, step: int, loss: float) -> None:
-        emit_progress(
-            {
-                "kind": "step",
-                "node": node,
-                "step": step,
-                "loss": loss,
-                "tokens": t.batch_size * cfg.model.seq_len,
-            }
-        )
+    def _on_step(self, node: str, step: int, loss: float) -> None:
+        tokens = self.cfg.train.batch_size * self.cfg.model.seq_len
+        self.progress({"kind": "step", "node": node, "step": step, "loss": loss, "tokens": tokens})
 
-    trainer = LocalTrainer(model, layout, client, schedule, on_train, on_step)
-    current_level: dict[str, int] = {}
-    for fed in feds:
-        for name in fed.tree.order:
-            node = fed.tree[name]
-            current_level[name] = node.level
-            fed.states[name] = NodeState(params=init.clone())
-            if node.children:
-                so = next((n.server_opt for n in cfg.tree.nodes if n.name == name and n.server_opt), None)
-                fed.states[name].server_opt = make_server_opt(_server_opt_cfg(so or cfg.federation.server_opt))
-            if node.trains:
-                trainer.add_node(
-                    name,
-                    BatchSampler(data, fed.spans[name], cfg.model.seq_len, t.batch_size, node_seed(cfg.seed, name)),
-                )
+    def _emit(self, event: dict[str, object]) -> None:
+        if event["event"] == "edge":
+            key = f"{event['src']}->{event['dst']}"
+            self.edge_bytes[key] = self.edge_bytes.get(key, 0) + int(str(event["bytes"]))
+        self._write(event)
 
-    windows: dict[tuple[str, str], Tensor] = {}
-    n_windows = cfg.eval.batches * cfg.eval.batch_size
-    for name in tree.order:
-        for split in ("val", "test"):
-            windows[(name, split)] = eval_windows(data, spans[name], split, cfg.model.seq_len, n_windows)
+    # ------------------------------------------------------------------ evaluation
 
-    def evaluate_all(split: str, rnd: int) -> dict[str, dict[str, float]]:
+    def evaluate_all(self, split: str, rnd: int) -> dict[str, dict[str, float]]:
         results: dict[str, dict[str, float]] = {}
-        for fed in feds:
-            deployed = personal_models(fed, cfg.eval.model)
+        for fed in self.feds:
+            models = personal_models(fed, self.cfg.eval.model)
             for user_node, engine_node in fed.evaluates.items():
-                layout.load(model, deployed[engine_node])
-                loss, ppl = evaluate(model, windows[(user_node, split)], cfg.eval.batch_size)
+                self.layout.load(self.model, models[engine_node])
+                windows = self.windows[(user_node, split)]
+                loss, ppl = evaluate(self.model, windows, self.cfg.eval.batch_size)
                 results[user_node] = {"loss": loss, "ppl": ppl}
-                metrics.write(
+                self._write(
                     {
                         "round": rnd,
                         "stage": None,
@@ -261,74 +284,223 @@ def run(cfg: C.Config, out: Path, progress: ProgressFn | None = None) -> dict[st
                         "split": split,
                         "loss": loss,
                         "ppl": ppl,
-                        "tokens": int(windows[(user_node, split)][:, 1:].numel()),
-                        "step": (rnd + 1) * per_round,
+                        "tokens": int(windows[:, 1:].numel()),
+                        "step": (rnd + 1) * self.per_round,
                     }
                 )
-        emit_progress({"kind": "eval", "split": split, "round": rnd, "results": results})
+        self.progress({"kind": "eval", "split": split, "round": rnd, "results": results})
         return results
 
-    edge_bytes: dict[tuple[str, str], int] = {}
+    # ------------------------------------------------------------------ checkpoints
 
-    def emit(event: dict[str, object]) -> None:
-        if event["event"] == "edge":
-            key = (str(event["src"]), str(event["dst"]))
-            edge_bytes[key] = edge_bytes.get(key, 0) + int(str(event["bytes"]))
-        metrics.write(event)
-
-    steps_per_round = sum(
-        f.opts.local_steps[n] * trainings_per_round(f.tree, n, f.opts) for f in feds for n in f.tree.order
-    )
-    emit_progress(
-        {
-            "kind": "start",
-            "method": cfg.method,
-            "total_steps": steps_per_round * cfg.train.rounds,
-            "rounds": cfg.train.rounds,
+    def snapshot(self) -> Snapshot:
+        """Everything needed to continue exactly: parameters, optimizer states, queues, RNG, counters."""
+        tensors: dict[str, Tensor] = {}
+        queues: dict[str, dict[str, list[list[Any]]]] = {}
+        for i, fed in enumerate(self.feds):
+            for name, st in fed.states.items():
+                key = f"{i}/{name}"
+                tensors[f"{key}/params"] = st.params
+                if st.server_opt is not None:
+                    tensors.update({f"{key}/server/{k}": v for k, v in st.server_opt.state_dict().items()})
+                for qname in ("to_aggregate", "to_route"):
+                    queue: list[Residual] = getattr(st, qname)
+                    tensors.update({f"{key}/{qname}/{j}": r.vector for j, r in enumerate(queue)})
+                    queues.setdefault(key, {})[qname] = [[r.position, r.origin] for r in queue]
+        for name, opt in self.trainer.opts.items():
+            for idx, entry in opt.state_dict()["state"].items():
+                tensors.update({f"adam/{name}/{idx}/{k}": v for k, v in entry.items()})
+        assert self.metrics is not None
+        state = {
+            "round": self.round,
+            "metrics_lines": self.metrics.lines,
+            "edge_bytes": self.edge_bytes,
+            "val": self.val,
+            "queues": queues,
+            "samplers": {name: sampler.state() for name, sampler in self.trainer.samplers.items()},
+            "wall_seconds": self.elapsed_before + time.perf_counter() - self.t_start,
         }
-    )
-    val: dict[str, dict[str, float]] = {}
-    for rnd in range(cfg.train.rounds):
-        state["round"] = rnd
-        for fed in feds:
-            run_round(fed.tree, fed.states, fed.split, fed.opts, rnd, trainer, emit)
-        if cfg.eval.every_round or rnd == cfg.train.rounds - 1:
-            val = evaluate_all("val", rnd)
-    test = evaluate_all("test", cfg.train.rounds - 1)
-    metrics.close()
+        return Snapshot(self.round, tensors, state)
 
-    for fed in feds:
-        deployed = personal_models(fed, cfg.eval.model)
-        for user_node, engine_node in fed.evaluates.items():
-            layout.load(model, deployed[engine_node])
-            tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-            atomic_write_bytes(out / "checkpoints" / f"{user_node}.safetensors", save_safetensors(tensors))
+    def restore(self, snap: Snapshot) -> None:
+        t, s = snap.tensors, snap.state
+        for i, fed in enumerate(self.feds):
+            for name, st in fed.states.items():
+                key = f"{i}/{name}"
+                st.params = t[f"{key}/params"].clone()
+                if st.server_opt is not None:
+                    prefix = f"{key}/server/"
+                    st.server_opt.load_state_dict({k[len(prefix) :]: v for k, v in t.items() if k.startswith(prefix)})
+                for qname in ("to_aggregate", "to_route"):
+                    meta = s["queues"][key][qname]
+                    queue = [
+                        Residual(t[f"{key}/{qname}/{j}"].clone(), int(pos), str(origin))
+                        for j, (pos, origin) in enumerate(meta)
+                    ]
+                    setattr(st, qname, queue)
+        for name, opt in self.trainer.opts.items():
+            template = opt.state_dict()
+            states: dict[int, dict[str, Tensor]] = {}
+            prefix = f"adam/{name}/"
+            for k, v in t.items():
+                if k.startswith(prefix):
+                    idx, field = k[len(prefix) :].split("/")
+                    states.setdefault(int(idx), {})[field] = v.clone()
+            opt.load_state_dict({"state": states, "param_groups": template["param_groups"]})
+        for name, sampler in self.trainer.samplers.items():
+            sampler.set_state(s["samplers"][name])
+        self.round = snap.round
+        self.edge_bytes = dict(s["edge_bytes"])
+        self.val = s["val"]
+        self.elapsed_before = float(s["wall_seconds"])
 
-    ppls = np.array([test[n]["ppl"] for n in tree.order])
-    summary: dict[str, Any] = {
-        "name": cfg.name,
-        "method": cfg.method,
-        "seed": cfg.seed,
-        "nodes": {
-            n: {
-                "ppl": test[n]["ppl"],
-                "loss": test[n]["loss"],
-                "val_ppl": val[n]["ppl"],
-                "bytes_sent": sum(v for (src, _), v in edge_bytes.items() if src == n),
-                "bytes_received": sum(v for (_, dst), v in edge_bytes.items() if dst == n),
+    # ------------------------------------------------------------------ driver
+
+    def execute(self, resume: bool = False, warn: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+        """Run (or continue) all rounds, checkpointing each; then test, save models and summary.json."""
+        ckpt_root = self.out / "checkpoints"
+        config_text = C.dumps(self.cfg)
+        if resume:
+            saved = self.out / "config.toml"
+            if not saved.is_file() or saved.read_text(encoding="utf-8") != config_text:
+                raise WorldLMError(
+                    f"{saved} differs from this config (or is missing); resume with the same config and --set "
+                    "options, or start a new run directory"
+                )
+            snap = load_latest(ckpt_root, warn)
+            self.restore(snap)
+            truncate_lines(self.out / "metrics.jsonl", int(snap.state["metrics_lines"]))
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "config.toml", config_text)
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        self.metrics = JsonlWriter(self.out / "metrics.jsonl")
+        steps_per_round = sum(
+            f.opts.local_steps[n] * trainings_per_round(f.tree, n, f.opts) for f in self.feds for n in f.tree.order
+        )
+        self.progress(
+            {
+                "kind": "start",
+                "method": self.cfg.method,
+                "total_steps": steps_per_round * self.cfg.train.rounds,
+                "done_steps": steps_per_round * self.round,
+                "rounds": self.cfg.train.rounds,
             }
-            for n in tree.order
-        },
-        "mean_ppl": float(ppls.mean()),
-        "std_ppl": float(ppls.std()),
-        "rounds": cfg.train.rounds,
-        "sequential_steps": total_seq,
-        "parameters": model.num_params(),
-        "key_blocks": layout.key_blocks,
-        "bytes_per_edge": {f"{a}->{b}": v for (a, b), v in sorted(edge_bytes.items())},
-        "bytes_total": sum(edge_bytes.values()),
-        "bytes_per_value": BYTES_PER_VALUE,
-        "wall_seconds": round(time.perf_counter() - t_start, 2),
-    }
-    atomic_write_json(out / "summary.json", summary)
-    return summary
+        )
+        try:
+            with _graceful_stop() as stop:
+                while self.round < self.cfg.train.rounds:
+                    rnd = self.round
+                    for fed in self.feds:
+                        run_round(fed.tree, fed.states, fed.split, fed.opts, rnd, self.trainer, self._emit)
+                    if self.cfg.eval.every_round or rnd == self.cfg.train.rounds - 1:
+                        self.val = self.evaluate_all("val", rnd)
+                    self.round += 1
+                    if self.round % self.cfg.checkpoint.every == 0 or stop.requested:
+                        save_checkpoint(ckpt_root, self.snapshot(), self.cfg.checkpoint.keep)
+                    if stop.requested and self.round < self.cfg.train.rounds:
+                        raise Interrupted(
+                            f"stopped after round {self.round} of {self.cfg.train.rounds} (checkpoint saved); "
+                            f"continue with: worldlm train CONFIG --resume --out {self.out}"
+                        )
+            test = self.evaluate_all("test", self.cfg.train.rounds - 1)
+        finally:
+            self.metrics.close()
+        self._save_models()
+        summary = self._summary(test)
+        atomic_write_json(self.out / "summary.json", summary)
+        return summary
+
+    def _save_models(self) -> None:
+        for fed in self.feds:
+            models = personal_models(fed, self.cfg.eval.model)
+            for user_node, engine_node in fed.evaluates.items():
+                self.layout.load(self.model, models[engine_node])
+                tensors = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+                path = self.out / "checkpoints" / "final" / f"{user_node}.safetensors"
+                atomic_write_bytes(path, save_safetensors(tensors))
+
+    def _summary(self, test: dict[str, dict[str, float]]) -> dict[str, Any]:
+        ppls = np.array([test[n]["ppl"] for n in self.tree.order])
+        edges = self.edge_bytes
+
+        def sent(n: str) -> int:
+            return sum(v for k, v in edges.items() if k.split("->")[0] == n)
+
+        def received(n: str) -> int:
+            return sum(v for k, v in edges.items() if k.split("->")[1] == n)
+
+        return {
+            "name": self.cfg.name,
+            "method": self.cfg.method,
+            "seed": self.cfg.seed,
+            "nodes": {
+                n: {
+                    "ppl": test[n]["ppl"],
+                    "loss": test[n]["loss"],
+                    "val_ppl": self.val[n]["ppl"],
+                    "bytes_sent": sent(n),
+                    "bytes_received": received(n),
+                }
+                for n in self.tree.order
+            },
+            "mean_ppl": float(ppls.mean()),
+            "std_ppl": float(ppls.std()),
+            "rounds": self.cfg.train.rounds,
+            "sequential_steps": self.total_seq,
+            "parameters": self.model.num_params(),
+            "key_blocks": self.layout.key_blocks,
+            "bytes_per_edge": dict(sorted(edges.items())),
+            "bytes_total": sum(edges.values()),
+            "bytes_per_value": BYTES_PER_VALUE,
+            "wall_seconds": round(self.elapsed_before + time.perf_counter() - self.t_start, 2),
+        }
+
+
+class _StopFlag:
+    requested = False
+
+
+@contextlib.contextmanager
+def _graceful_stop() -> Iterator[_StopFlag]:
+    """First SIGINT/SIGTERM: finish the round and checkpoint. A second one stops at once."""
+    flag = _StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+        print("worldlm: stopping after this round (checkpoint follows); press Ctrl-C again to abort", file=sys.stderr)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def truncate_lines(path: Path, lines: int) -> None:
+    """Drop metrics written after the checkpoint (a partial round that will be redone)."""
+    if not path.is_file():
+        if lines:
+            raise WorldLMError(f"{path} is missing but the checkpoint expects {lines} records; start a new run")
+        return
+    kept = path.read_text(encoding="utf-8").splitlines(keepends=True)[:lines]
+    if len(kept) < lines:
+        raise WorldLMError(f"{path} has fewer records than the checkpoint expects; start a new run")
+    atomic_write_text(path, "".join(kept))
+
+
+def run(
+    cfg: C.Config,
+    out: Path,
+    progress: ProgressFn | None = None,
+    resume: bool = False,
+    warn: Callable[[str], None] = lambda _m: None,
+) -> dict[str, Any]:
+    """Train `cfg.method` on the configured tree and write the run directory; returns summary.json."""
+    return LocalRun(cfg, out, progress).execute(resume=resume, warn=warn)
