@@ -103,3 +103,8 @@ def test_tree_levels_and_inherited_sources() -> None:
     flat = flat_tree(tree)
     assert flat.depth == 2 and set(flat[flat.root].children) == set(tree.order)
     assert not flat[flat.root].trains
+
+
+def test_non_finite_numbers_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="train.lr_max must be a finite number"):
+        load_config(write(tmp_path, NODES), ["train.lr_max=inf"])

@@ -177,6 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WorldLMError as exc:
         print(f"worldlm: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # e.g. a full disk: files are written atomically, earlier results stay intact
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"worldlm: error: {exc.strerror or exc}{where}; free space or fix permissions and retry", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("worldlm: interrupted", file=sys.stderr)
         return 130

@@ -17,6 +17,7 @@ manifest.json::
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,4 +104,17 @@ def load_prepared(root: str | Path) -> Prepared:
         raise DataError(f"{mpath} is malformed ({exc}); delete {root} and re-run `worldlm prepare`") from exc
     if manifest.get("format") != FORMAT_VERSION:
         raise DataError(f"{mpath} has format {manifest.get('format')}, expected {FORMAT_VERSION}; re-run prepare")
+    _check_tokenizer(prepared)
     return prepared
+
+
+def _check_tokenizer(prepared: Prepared) -> None:
+    """The token streams are only meaningful with the tokenizer that made them."""
+    path = prepared.tokenizer_file
+    if not path.is_file():
+        raise DataError(f"tokenizer {path} is missing; re-run `worldlm prepare` for {prepared.root}")
+    if prepared.tokenizer_sha256 and hashlib.sha256(path.read_bytes()).hexdigest() != prepared.tokenizer_sha256:
+        raise DataError(
+            f"tokenizer {path} does not match the one the token streams in {prepared.root} were made with; "
+            "restore it or re-run `worldlm prepare`"
+        )
