@@ -106,5 +106,5 @@ def test_tree_levels_and_inherited_sources() -> None:
 
 
 def test_non_finite_numbers_are_rejected(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="train.lr_max must be a finite number"):
+    with pytest.raises(ConfigError, match=r"train\.lr_max must be a finite number"):
         load_config(write(tmp_path, NODES), ["train.lr_max=inf"])
