@@ -1,0 +1,374 @@
+"""The experiment report (issue 5): report.json, report.md and the plots, from the complete runs.
+
+The metric is personalised test perplexity (DESIGN §2): each node's final model on its own test
+windows. Per (variant, method): the mean over nodes of each seed's run, averaged over seeds; the
+(population) std over nodes, averaged over seeds; the std over seeds of the per-seed means; and the
+ratio of the mean to WorldLM's in the same variant (the paper's "×" comparisons, Tables 1–3).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from worldlm import plots
+from worldlm.experiments import Experiment, RunSpec, is_complete
+from worldlm.io import atomic_write_json, atomic_write_text
+
+REFERENCE = "worldlm"
+
+
+@dataclass(frozen=True)
+class RunData:
+    """A complete run: its summary and the metrics records the report draws."""
+
+    spec: RunSpec
+    summary: dict[str, Any]
+    val: dict[str, plots.Curve]  # node -> validation perplexity against sequential steps
+    attention: list[dict[str, Any]]
+    routes: list[dict[str, Any]]
+
+
+def read_run(spec: RunSpec) -> RunData:
+    val: dict[str, plots.Curve] = defaultdict(list)
+    attention, routes = [], []
+    with (spec.dir / "metrics.jsonl").open(encoding="utf-8") as fh:
+        for line in fh:
+            rec = json.loads(line)
+            if rec.get("split") == "val":
+                val[rec["node"]].append((int(rec["step"]), float(rec["ppl"])))
+            elif rec.get("event") == "attention":
+                attention.append(rec)
+            elif rec.get("event") == "residual_route":
+                routes.append(rec)
+    summary = json.loads((spec.dir / "summary.json").read_text(encoding="utf-8"))
+    return RunData(spec, summary, dict(val), attention, routes)
+
+
+def mean_curve(curves: list[plots.Curve]) -> plots.Curve:
+    """Average curves step by step (over nodes, or over seeds)."""
+    by_step: dict[int, list[float]] = defaultdict(list)
+    for curve in curves:
+        for step, ppl in curve:
+            by_step[step].append(ppl)
+    return [(s, float(np.mean(by_step[s]))) for s in sorted(by_step)]
+
+
+# ---------------------------------------------------------------------------- numbers
+
+
+def method_stats(runs: list[RunData]) -> dict[str, Any]:
+    means = np.array([r.summary["mean_ppl"] for r in runs])
+    nodes = list(runs[0].summary["nodes"])
+    return {
+        "mean_ppl": float(means.mean()),
+        "std_over_nodes": float(np.mean([r.summary["std_ppl"] for r in runs])),
+        "std_over_seeds": float(means.std()),
+        "ratio_to_worldlm": None,
+        "seeds": [r.spec.seed for r in runs],
+        "sequential_steps": int(runs[0].summary["sequential_steps"]),
+        "wall_seconds_mean": float(np.mean([r.summary["wall_seconds"] for r in runs])),
+        "nodes": {n: float(np.mean([r.summary["nodes"][n]["ppl"] for r in runs])) for n in nodes},
+    }
+
+
+def variant_stats(runs: dict[str, list[RunData]]) -> dict[str, dict[str, Any]]:
+    stats = {m: method_stats(rs) for m, rs in runs.items() if rs}
+    if REFERENCE in stats:
+        for s in stats.values():
+            s["ratio_to_worldlm"] = s["mean_ppl"] / stats[REFERENCE]["mean_ppl"]
+    return stats
+
+
+def run_row(run: RunData, out_dir: Path) -> dict[str, Any]:
+    s = run.summary
+    return {
+        "variant": run.spec.variant,
+        "method": run.spec.method,
+        "seed": run.spec.seed,
+        "dir": str(run.spec.dir.relative_to(out_dir)),
+        "mean_ppl": s["mean_ppl"],
+        "std_ppl": s["std_ppl"],
+        "sequential_steps": s["sequential_steps"],
+        "wall_seconds": s["wall_seconds"],
+    }
+
+
+# ---------------------------------------------------------------------------- plots
+
+
+def attention_data(runs: list[RunData]) -> tuple[np.ndarray, list[str], list[int], np.ndarray | None, list[str]]:
+    """Mean over seeds of λ_self per (node, round) and of the root's last-round children λ matrix."""
+    from worldlm.runners.local import tree_from_config
+
+    tree = tree_from_config(runs[0].spec.cfg)
+    parent = [a for r in runs for a in r.attention if a["kind"] == "parent"]
+    nodes = [n for n in tree.order if any(a["node"] == n for a in parent)]
+    rounds = sorted({int(a["round"]) for a in parent})
+    cells: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for a in parent:  # weights [L][members]; member 0 is the node itself
+        cells[(a["node"], int(a["round"]))].append(float(np.mean([w[0] for w in a["weights"]])))
+    self_weight = np.array([[np.mean(cells[(n, r)]) if cells[(n, r)] else np.nan for r in rounds] for n in nodes])
+    root = [a for r in runs for a in r.attention if a["kind"] == "children" and a["node"] == tree.root]
+    if not root:
+        return self_weight, nodes, rounds, None, []
+    last = max(int(a["round"]) for a in root)
+    matrices = [np.mean(np.array(a["weights"]), axis=0) for a in root if int(a["round"]) == last]  # [L,M,M] -> [M,M]
+    return self_weight, nodes, rounds, np.mean(matrices, axis=0), list(root[0]["members"])
+
+
+def flow_data(runs: list[RunData]) -> tuple[np.ndarray, list[str], list[str]]:
+    """Residuals per run (mean over seeds) from origin to the leaf that received them ('none': no allowed child)."""
+    from worldlm.runners.local import tree_from_config
+
+    tree = tree_from_config(runs[0].spec.cfg)
+    landed = [(r["origin"], r["destination"] or "none") for run in runs for r in run.routes]
+    landed = [(o, d) for o, d in landed if d == "none" or tree.is_leaf(d)]  # hops via inner nodes are not landings
+    origins = [n for n in tree.order if any(o == n for o, _ in landed)]
+    dests = [n for n in tree.order if tree.is_leaf(n)] + (["none"] if any(d == "none" for _, d in landed) else [])
+    counts = np.zeros((len(origins), len(dests)))
+    for o, d in landed:
+        counts[origins.index(o), dests.index(d)] += 1
+    return counts / len(runs), origins, dests
+
+
+def node_mixtures(spec: RunSpec) -> dict[str, dict[str, float]]:
+    """Each node's source proportions, recomputed from the tree and the manifest (paper A.2, A.1.1)."""
+    from worldlm.data.mixture import assign_shards, mixture_weights
+    from worldlm.data.prepared import load_prepared
+    from worldlm.runners.local import tree_from_config
+
+    cfg = spec.cfg
+    tree = tree_from_config(cfg)
+    data = load_prepared(cfg.data.path)
+    sizes = {src: data.splits[src]["train"].tokens for src in data.sources}
+    spans = assign_shards(tree, sizes, cfg.data.leaf_shards, cfg.data.inner_shards)
+    return {
+        n: {sp.source: float(w) for sp, w in zip(spans[n], mixture_weights(spans[n]), strict=True)}
+        for n in tree.training_nodes
+    }
+
+
+def variant_plots(variant: str, runs: dict[str, list[RunData]], out_dir: Path, mixture_file: Path) -> dict[str, str]:
+    """The variant's figures; returns {kind: path relative to out_dir}."""
+    folder = out_dir / "plots" / variant
+    done = {m: rs for m, rs in runs.items() if rs}
+    files: dict[str, Path] = {}
+    if len(done) > 1:
+        files["val_ppl"] = folder / "val_ppl.png"
+        curves = {m: mean_curve([mean_curve(list(r.val.values())) for r in rs]) for m, rs in done.items()}
+        plots.curve_panels({"mean over nodes and seeds": curves}, files["val_ppl"], f"{variant}: validation perplexity")
+    if done:
+        files["val_nodes"] = folder / "val_nodes.png"
+        panels = {m: {n: mean_curve([r.val[n] for r in rs]) for n in rs[0].val} for m, rs in done.items()}
+        plots.curve_panels(panels, files["val_nodes"], f"{variant}: validation perplexity per node (mean over seeds)")
+    wl = done.get(REFERENCE, [])
+    if any(r.attention for r in wl):
+        files["attention"] = folder / "attention.png"
+        plots.attention_heatmaps(*attention_data(wl), files["attention"], f"{variant}: WorldLM attention coefficients")
+    if any(r.routes for r in wl):
+        counts, origins, dests = flow_data(wl)
+        files["residual_flows"] = folder / "residual_flows.png"
+        title = f"{variant}: WorldLM residual routing (per run, mean over seeds)"
+        plots.flow_heatmap(counts, origins, dests, files["residual_flows"], title)
+    files["mixture"] = mixture_file
+    return {kind: str(p.relative_to(out_dir)) for kind, p in files.items()}
+
+
+def mixture_files(exp: Experiment, first_spec: dict[str, RunSpec], out_dir: Path) -> dict[str, Path]:
+    """One mixture figure per distinct mixture; variants with the same data share it."""
+    drawn: list[tuple[dict[str, dict[str, float]], Path]] = []
+    files = {}
+    for v, spec in first_spec.items():
+        mix = node_mixtures(spec)
+        match = next((p for m, p in drawn if m == mix), None)
+        if match is None:
+            match = out_dir / "plots" / v / "mixture.png"
+            plots.mixture_bars(mix, match, f"{exp.name}/{v}: data mixture of each node")
+            drawn.append((mix, match))
+        files[v] = match
+    return files
+
+
+def overview_plot(report: dict[str, Any], runs: dict[tuple[str, str], list[RunData]], out_dir: Path) -> str | None:
+    """With several variants: per method, one line per variant (mean over nodes and seeds)."""
+    if len(report["variants"]) < 2:
+        return None
+    panels: dict[str, dict[str, plots.Curve]] = defaultdict(dict)
+    for (variant, method), rs in runs.items():
+        if rs:
+            panels[method][variant] = mean_curve([mean_curve(list(r.val.values())) for r in rs])
+    if not panels:
+        return None
+    path = out_dir / "plots" / "variants_val_ppl.png"
+    plots.curve_panels(dict(panels), path, f"{report['name']}: validation perplexity by variant")
+    return str(path.relative_to(out_dir))
+
+
+# ---------------------------------------------------------------------------- markdown
+
+
+def _ppl(x: float) -> str:
+    return f"{x:.2f}"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _overview_md(report: dict[str, Any]) -> list[str]:
+    variants = list(report["variants"])
+    methods = list(dict.fromkeys(m for v in report["variants"].values() for m in v["methods"]))
+    first = report["variants"][variants[0]]["methods"]
+    lines = [
+        "## Variants side by side",
+        "",
+        f"Mean ± std over seeds; in brackets the ratio to the same method in `{variants[0]}`.",
+        "",
+        "| method | " + " | ".join(f"`{v}`" for v in variants) + " |",
+        "|---|" + "---:|" * len(variants),
+    ]
+    for m in methods:
+        cells = []
+        for v in variants:
+            s = report["variants"][v]["methods"].get(m)
+            ratio = f" ({s['mean_ppl'] / first[m]['mean_ppl']:.2f}×)" if s and m in first and v != variants[0] else ""
+            cells.append(f"{_ppl(s['mean_ppl'])} ± {_ppl(s['std_over_seeds'])}{ratio}" if s else "–")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if report["overview_plot"]:
+        lines += ["", f"![validation perplexity by variant]({report['overview_plot']})"]
+    return [*lines, ""]
+
+
+def _variant_md(name: str, v: dict[str, Any], n_seeds: int) -> list[str]:
+    lines = [f"## Variant `{name}`", ""]
+    if v["description"]:
+        lines += [v["description"], ""]
+    overrides = ", ".join(f"`{_cell(s)}`" for s in v["set"]) or "none"
+    lines += [f"Run config `{v['base']}`; variant overrides: {overrides}.", ""]
+    stats = v["methods"]
+    if not stats:
+        return [*lines, "No complete run yet.", ""]
+    lines += [
+        "| method | mean ppl | ± over nodes | ± over seeds | / worldlm | seeds | sequential steps | wall s / run |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m, s in stats.items():
+        ratio = f"{s['ratio_to_worldlm']:.2f}×" if s["ratio_to_worldlm"] is not None else "–"
+        lines.append(
+            f"| {m} | **{_ppl(s['mean_ppl'])}** | {_ppl(s['std_over_nodes'])} | {_ppl(s['std_over_seeds'])} | "
+            f"{ratio} | {len(s['seeds'])}/{n_seeds} | {s['sequential_steps']} | {s['wall_seconds_mean']:.0f} |"
+        )
+    nodes = list(dict.fromkeys(n for s in stats.values() for n in s["nodes"]))
+    lines += [
+        "",
+        "Per node (mean over seeds):",
+        "",
+        "| node | " + " | ".join(stats) + " |",
+        "|---|" + "---:|" * len(stats),
+    ]
+    for n in nodes:
+        lines.append(
+            f"| {n} | " + " | ".join(_ppl(s["nodes"][n]) if n in s["nodes"] else "–" for s in stats.values()) + " |"
+        )
+    captions = {
+        "val_ppl": "validation perplexity per method",
+        "val_nodes": "validation perplexity per node",
+        "attention": "WorldLM attention coefficients",
+        "residual_flows": "WorldLM residual routing",
+        "mixture": "data mixture of each node",
+    }
+    for kind, path in v["plots"].items():
+        lines += ["", f"![{captions[kind]}]({path})"]
+    return [*lines, ""]
+
+
+def _runs_md(report: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Runs",
+        "",
+        "| variant | method | seed | mean ± std over nodes | sequential steps | wall s | directory |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in report["runs"]:
+        lines.append(
+            f"| {r['variant']} | {r['method']} | {r['seed']} | {_ppl(r['mean_ppl'])} ± {_ppl(r['std_ppl'])} | "
+            f"{r['sequential_steps']} | {r['wall_seconds']:.0f} | [{r['dir']}]({r['dir']}) |"
+        )
+    if report["missing"]:
+        lines += ["", "Not complete: " + ", ".join(f"`{m}`" for m in report["missing"]) + "."]
+    return [*lines, ""]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    seeds = report["seeds"]
+    common = ", ".join(f"`{_cell(s)}`" for s in report["set"]) or "none"
+    lines = [f"# Experiment `{report['name']}`", ""]
+    if report["description"]:
+        lines += [report["description"], ""]
+    lines += [
+        f"- command: `{report['command']}`",
+        f"- date: {report['date']}",
+        f"- experiment file: `{report['experiment']}`; seeds: {', '.join(map(str, seeds))}; "
+        f"overrides for every run: {common}",
+        f"- runs complete: {report['runs_complete']} of {report['runs_total']}",
+        "",
+        "Metric: personalised test perplexity, each node's final model on its own held-out test windows "
+        "(lower is better). *mean ppl*: mean over nodes, averaged over seeds; *± over nodes*: population std "
+        "over the tree's nodes, averaged over seeds; *± over seeds*: std of the per-seed means; "
+        "*/ worldlm*: the method's mean over WorldLM's in the same variant.",
+        "",
+    ]
+    if len(report["variants"]) > 1:
+        lines += _overview_md(report)
+    for name, v in report["variants"].items():
+        lines += _variant_md(name, v, len(seeds))
+    return "\n".join(lines + _runs_md(report))
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def write_report(exp: Experiment, specs: list[RunSpec], out_dir: Path, command: str) -> Path:
+    """Regenerate report.json, report.md and the plots from the complete runs; returns report.md."""
+    done = {s.label: is_complete(s) for s in specs}
+    complete = [read_run(s) for s in specs if done[s.label]]
+    runs: dict[tuple[str, str], list[RunData]] = {(v.name, m): [] for v in exp.variants.values() for m in v.methods}
+    for r in complete:
+        runs[(r.spec.variant, r.spec.method)].append(r)
+    first_spec = {v: next(s for s in specs if s.variant == v) for v in exp.variants}
+    mixtures = mixture_files(exp, first_spec, out_dir)
+    variants = {}
+    for v in exp.variants.values():
+        by_method = {m: runs[(v.name, m)] for m in v.methods}
+        variants[v.name] = {
+            "description": v.description,
+            "base": str(v.base),
+            "set": list(v.set),
+            "methods": variant_stats(by_method),
+            "plots": variant_plots(v.name, by_method, out_dir, mixtures[v.name]),
+        }
+    report: dict[str, Any] = {
+        "name": exp.name,
+        "description": exp.description,
+        "experiment": str(exp.path),
+        "command": command,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "seeds": list(exp.seeds),
+        "set": list(exp.set),
+        "runs_complete": len(complete),
+        "runs_total": len(specs),
+        "missing": [s.label for s in specs if not done[s.label]],
+        "variants": variants,
+        "runs": [run_row(r, out_dir) for r in complete],
+    }
+    report["overview_plot"] = overview_plot(report, runs, out_dir)
+    atomic_write_json(out_dir / "report.json", report)
+    atomic_write_text(out_dir / "report.md", markdown(report))
+    return out_dir / "report.md"

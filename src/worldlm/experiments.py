@@ -1,0 +1,326 @@
+"""Experiment harness (issue 5): a grid of runs (variants × methods × seeds) described in TOML.
+
+Every run goes through the one in-process runner into `<out_root>/<name>/runs/<variant>/<method>/seed<k>/`.
+A run whose summary.json exists and whose config.toml equals the resolved config is skipped, so an
+interrupted experiment resumes where it stopped; any other run directory there is stale and redone.
+At the end (also after failures or an interrupt) `report.md`, `report.json` and the plots are
+regenerated from the complete runs (see worldlm.experiment_report).
+
+Experiment file:
+
+    name = "table1-nano"            # optional, default: the file's stem; results/<name>/
+    description = "..."             # optional, shown in the report
+    base = "../demo.toml"           # run config, relative to this file or to the working directory
+    methods = ["worldlm", "fl"]     # worldlm, fl, hierfavg, fedper, centralized, local
+    seeds = [0, 1, 2]               # optional, default [0]
+    set = ["train.rounds=6"]        # optional --set overrides applied to every run
+    [variants.NAME]                 # optional, default: one variant "default" without overrides
+    description = "..."             # optional
+    base = "../other.toml"          # optional: this variant's own run config (e.g. another tree)
+    set = ["federation.nu=0"]       # its overrides, applied after the experiment's
+    methods = ["worldlm"]           # optional subset of the experiment's methods
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worldlm import config as C
+from worldlm.config import _suggest
+from worldlm.errors import ConfigError, WorldLMError
+
+TOP_KEYS = ("name", "description", "base", "methods", "seeds", "set", "variants")
+VARIANT_KEYS = ("description", "base", "set", "methods")
+GRID_KEYS = ("method", "seed", "name")  # set per run by the grid, never by an override
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class ExperimentFailed(WorldLMError):
+    """Some runs failed; the others completed and the report was written from them."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    description: str
+    base: Path
+    set: tuple[str, ...]
+    methods: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    path: Path
+    description: str
+    methods: tuple[str, ...]
+    seeds: tuple[int, ...]
+    set: tuple[str, ...]
+    variants: dict[str, Variant]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One cell of the grid: its resolved config and run directory."""
+
+    variant: str
+    method: str
+    seed: int
+    cfg: C.Config
+    dir: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant}/{self.method}/seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class ExperimentResult:
+    report: Path
+    ran: int
+    skipped: int
+
+
+# ---------------------------------------------------------------------------- the experiment file
+
+
+def _check_keys(raw: dict[str, Any], valid: Sequence[str], where: str) -> None:
+    for key in raw:
+        if key not in valid:
+            raise ConfigError(f"{where}: unknown key '{key}'{_suggest(key, valid)}")
+
+
+def _str(raw: dict[str, Any], key: str, default: str, where: str) -> str:
+    value = raw.get(key, default)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
+    return value
+
+
+def _str_list(raw: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
+    value = raw.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: '{key}' must be a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _safe_name(name: str, what: str, where: str) -> str:
+    if not SAFE_NAME.fullmatch(name):
+        raise ConfigError(f"{where}: {what} '{name}' must be letters, digits, '.', '_' or '-' (it names a directory)")
+    return name
+
+
+def _methods(raw: dict[str, Any], where: str, allowed: Sequence[str], what: str) -> tuple[str, ...]:
+    methods = _str_list(raw, "methods", where)
+    for m in methods:
+        if m not in allowed:
+            raise ConfigError(f"{where}: method '{m}' is not {what}{_suggest(m, allowed)}")
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"{where}: 'methods' lists a method twice: {list(methods)}")
+    return methods
+
+
+def _seeds(raw: dict[str, Any], where: str) -> tuple[int, ...]:
+    seeds = raw.get("seeds", [0])
+    valid = isinstance(seeds, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+    if not valid or not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{where}: 'seeds' must be a non-empty list of distinct integers >= 0, got {seeds!r}")
+    return tuple(seeds)
+
+
+def _overrides(items: Sequence[str], where: str) -> tuple[str, ...]:
+    for item in items:
+        key = item.split("=", 1)[0].strip()
+        if "=" not in item:
+            raise ConfigError(f"{where}: override '{item}' must be KEY=VALUE (e.g. train.rounds=6)")
+        if key in GRID_KEYS:
+            raise ConfigError(f"{where}: '{key}' is set per run by the experiment grid (methods, seeds, name)")
+    return tuple(items)
+
+
+def _resolve_base(value: str, exp_path: Path, where: str) -> Path:
+    """A base config path, relative to the experiment file first, then to the working directory."""
+    for candidate in (exp_path.parent / value, Path(value)):
+        if candidate.is_file():
+            return Path(os.path.normpath(candidate))  # configs/demo.toml, not configs/experiments/../demo.toml
+    raise ConfigError(
+        f"{where}: base config '{value}' not found (looked in {exp_path.parent} and the working directory)"
+    )
+
+
+def _variant(name: str, raw: Any, exp_path: Path, methods: tuple[str, ...], base: Path | None) -> Variant:
+    where = f"{exp_path}: variants.{name}"
+    _safe_name(name, "variant name", str(exp_path))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table ([variants.{name}]), got {raw!r}")
+    _check_keys(raw, VARIANT_KEYS, where)
+    own_base = _resolve_base(_str(raw, "base", "", where), exp_path, where) if "base" in raw else base
+    if own_base is None:
+        raise ConfigError(f"{where}: no run config; give 'base' at the top of the file or in this variant")
+    subset = _methods(raw, where, methods, "one of the experiment's methods") if "methods" in raw else methods
+    if not subset:
+        raise ConfigError(f"{where}: 'methods' is empty")
+    return Variant(
+        name, _str(raw, "description", "", where), own_base, _overrides(_str_list(raw, "set", where), where), subset
+    )
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"experiment file {path} does not exist; see configs/experiments/")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read experiment file {path}: {exc}") from exc
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read and validate an experiment file (not yet the run configs: see plan_runs)."""
+    path = Path(path)
+    raw = _read_toml(path)
+    where = str(path)
+    _check_keys(raw, TOP_KEYS, where)
+    name = _safe_name(_str(raw, "name", path.stem, where), "name", where)
+    base = _resolve_base(_str(raw, "base", "", where), path, where) if "base" in raw else None
+    if "methods" not in raw:
+        raise ConfigError(f'{where}: \'methods\' is missing (e.g. methods = ["worldlm", "fl"])')
+    methods = _methods(raw, where, C.METHODS, "a known method")
+    if not methods:
+        raise ConfigError(f"{where}: 'methods' is empty")
+    variants_raw = raw.get("variants", {"default": {}})
+    if not isinstance(variants_raw, dict) or not variants_raw:
+        raise ConfigError(f"{where}: 'variants' must hold at least one [variants.NAME] table")
+    variants = {v: _variant(v, r, path, methods, base) for v, r in variants_raw.items()}
+    return Experiment(
+        name=name,
+        path=path,
+        description=_str(raw, "description", "", where),
+        methods=methods,
+        seeds=_seeds(raw, where),
+        set=_overrides(_str_list(raw, "set", where), where),
+        variants=variants,
+    )
+
+
+# ---------------------------------------------------------------------------- the grid
+
+
+def plan_runs(exp: Experiment, out_dir: Path, overrides: Sequence[str] = ()) -> list[RunSpec]:
+    """Resolve every run's config up front, so a bad override fails before hours of training."""
+    overrides = _overrides(overrides, "--set")
+    specs = []
+    for v in exp.variants.values():
+        for method in v.methods:
+            for seed in exp.seeds:
+                grid = [f'method="{method}"', f"seed={seed}", f'name="{exp.name}-{v.name}-{method}-seed{seed}"']
+                try:
+                    cfg = C.load_config(v.base, [*exp.set, *v.set, *overrides, *grid])
+                except ConfigError as exc:
+                    raise ConfigError(f"{exp.path}: variant '{v.name}' ({v.base}): {exc}") from exc
+                specs.append(RunSpec(v.name, method, seed, cfg, out_dir / "runs" / v.name / method / f"seed{seed}"))
+    return specs
+
+
+def is_complete(spec: RunSpec) -> bool:
+    """Done iff summary.json exists and config.toml is exactly this run's resolved config."""
+    config = spec.dir / "config.toml"
+    return (
+        (spec.dir / "summary.json").is_file()
+        and config.is_file()
+        and config.read_text(encoding="utf-8") == C.dumps(spec.cfg)
+    )
+
+
+def check_data(specs: Sequence[RunSpec]) -> None:
+    """Fail fast (DataError) when a prepared directory is missing, instead of failing every run."""
+    from worldlm.data.prepared import load_prepared
+
+    for path in dict.fromkeys(s.cfg.data.path for s in specs):
+        load_prepared(path)
+
+
+def command_line(path: Path, out_root: Path, overrides: Sequence[str]) -> str:
+    """The command that reproduces the experiment, as recorded in the report."""
+    args = ["worldlm", "experiment", str(path)]
+    for item in overrides:
+        args += ["--set", item]
+    if out_root != Path("results"):
+        args += ["--out-root", str(out_root)]
+    return shlex.join(args)
+
+
+def _run_one(spec: RunSpec, quiet: bool) -> None:
+    from worldlm.report import progress_display
+    from worldlm.runners import local
+
+    if spec.dir.exists():  # stale or incomplete: the runner appends to metrics, so start clean
+        shutil.rmtree(spec.dir)
+    with progress_display(quiet=quiet) as progress:
+        local.run(spec.cfg, spec.dir, progress)
+
+
+def _run_grid(specs: Sequence[RunSpec], quiet: bool) -> tuple[int, int, list[str]]:
+    """Run every incomplete cell; a WorldLMError fails that run only. Returns (ran, skipped, failures)."""
+    from worldlm.report import console
+    from worldlm.runners.local import Interrupted
+
+    ran, skipped, failures = 0, 0, []
+    for k, spec in enumerate(specs, 1):
+        if is_complete(spec):
+            skipped += 1
+            continue
+        if not quiet:
+            console.rule(f"[bold][{k}/{len(specs)}] {spec.label}")
+        try:
+            _run_one(spec, quiet)
+            ran += 1
+        except Interrupted:
+            raise
+        except WorldLMError as exc:
+            failures.append(f"{spec.label}: {exc}")
+            console.print(f"[red]run {spec.label} failed:[/] {exc}")
+    return ran, skipped, failures
+
+
+def run_experiment(
+    path: str | Path,
+    out_root: Path = Path("results"),
+    overrides: Sequence[str] = (),
+    quiet: bool = False,
+) -> ExperimentResult:
+    """Run the grid (skipping complete runs), then write report.md/report.json and the plots."""
+    from worldlm.experiment_report import write_report
+    from worldlm.report import console
+    from worldlm.runners.local import Interrupted
+
+    exp = load_experiment(path)
+    out_dir = out_root / exp.name
+    specs = plan_runs(exp, out_dir, overrides)
+    check_data(specs)
+    command = command_line(Path(path), out_root, overrides)
+    try:
+        ran, skipped, failures = _run_grid(specs, quiet)
+    except Interrupted as exc:  # the runner stopped at a round boundary: keep what is complete
+        write_report(exp, specs, out_dir, command)
+        raise Interrupted(f"experiment stopped; run `{command}` again to continue (complete runs are kept)") from exc
+    report = write_report(exp, specs, out_dir, command)
+    if not quiet:
+        console.print(f"{ran} runs trained, {skipped} already complete; report: {report}")
+    if failures:
+        raise ExperimentFailed(
+            f"{len(failures)} of {len(specs)} runs failed (report {report} covers the complete ones):\n  "
+            + "\n  ".join(failures)
+        )
+    return ExperimentResult(report, ran, skipped)
