@@ -43,7 +43,7 @@ def test_split_covers_every_parameter_once(key_blocks: int) -> None:
     assert sorted(layout.names) == sorted(n for n, _ in model.named_parameters())
     assert layout.total == model.num_params()
     flat = layout.flatten(model)
-    assert layout.backbone(flat).numel() + layout.keys(flat).numel() == flat.numel()
+    assert layout.split.backbone(flat).numel() + layout.split.keys(flat).numel() == flat.numel()
     key_params = {n for names in layout.key_param_names for n in names}
     first_key = model.cfg.n_layer - key_blocks
     assert key_params == {
@@ -52,7 +52,7 @@ def test_split_covers_every_parameter_once(key_blocks: int) -> None:
     if key_blocks:
         # each key row is exactly one block, flattened
         block = torch.cat([p.detach().reshape(-1) for p in model.blocks[first_key].parameters()])
-        assert torch.equal(layout.keys(flat)[0], block)
+        assert torch.equal(layout.split.keys(flat)[0], block)
 
 
 def test_flatten_load_round_trip() -> None:

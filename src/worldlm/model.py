@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from worldlm.federation.worldlm import Split
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -159,12 +161,7 @@ class ParamLayout:
             for name, chunk, shape in zip(self.names, flat.split(self.numels), self.shapes, strict=True):
                 params[name].copy_(chunk.view(shape))
 
-    def backbone(self, flat: Tensor) -> Tensor:
-        return flat[: self.backbone_size]
-
-    def keys(self, flat: Tensor) -> Tensor:
-        """The key layers as an [L, D] view (L = key_blocks; each row one block flattened)."""
-        return flat[self.backbone_size :].view(self.key_blocks, self.key_size)
-
-    def join(self, backbone: Tensor, keys: Tensor) -> Tensor:
-        return torch.cat([backbone.reshape(-1), keys.reshape(-1)])
+    @property
+    def split(self) -> Split:
+        """The engine's view of this layout: backbone prefix, then `key_blocks` rows of `key_size`."""
+        return Split(self.backbone_size, self.key_blocks, self.key_size)

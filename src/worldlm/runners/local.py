@@ -83,7 +83,7 @@ def plan(cfg: C.Config, tree: Tree, spans: dict[str, list[Span]], layout: ParamL
     s = cfg.train.local_steps
     per_round = tree.depth * s  # the hierarchy's sequential steps per round (T_q = 1)
     fed = cfg.federation
-    keys = Split(layout.backbone_size, layout.key_blocks, layout.key_size)
+    keys = layout.split
     no_keys = Split(layout.total, 0, 0)
 
     def opts(steps: dict[str, int], **kw: Any) -> FedOptions:
