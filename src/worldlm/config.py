@@ -104,11 +104,26 @@ class CheckpointConfig:
 
 
 @dataclass
+class DPConfig:
+    """Differential privacy of the nodes flagged `dp = true` (DESIGN §2, paper §4.2; federation/privacy.py)."""
+
+    nodes: list[str] = field(default_factory=list)  # DP nodes by name, besides `dp = true` (a --set-able form)
+    sigma: float = 0.5  # noise multiplier: N(0, sigma² C²) per coordinate (paper: 0.5)
+    delta: float = 1e-5  # epsilon is reported at this delta
+    clip: str = "median"  # median (paper: previous round's median norm) | adaptive (Andrew et al. 2021) | fixed
+    initial_clip: float = 1.0  # C in the first round (paper: 1.0), and throughout with clip = "fixed"
+    epsilon_budget: float = 0.0  # > 0: a node stops releasing before its epsilon would exceed this; 0: none
+    target_quantile: float = 0.5  # adaptive: fraction of updates meant to fall under C (gamma)
+    clip_lr: float = 0.2  # adaptive: eta_C of the geometric update C <- C exp(-eta_C (b - gamma))
+    bit_sigma: float = 0.5  # adaptive: noise std on each node's clipped-or-not bit (accounted too)
+
+
+@dataclass
 class NodeConfig:
     name: str = ""
     parent: str = ""  # empty: the root
     sources: list[str] = field(default_factory=list)  # empty on an inner node: its subtree's sources
-    dp: bool = False  # reserved for differential privacy
+    dp: bool = False  # differential privacy: privatise what this node sends its parent (see [dp])
     server_opt: ServerOptSettings | None = None  # overrides federation.server_opt at this node
 
 
@@ -128,6 +143,7 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
     tree: TreeConfig = field(default_factory=TreeConfig)
 
 
@@ -307,6 +323,37 @@ def validate(cfg: Config) -> None:
         len(cfg.tree.nodes) >= 1,
         "tree.nodes is empty; describe at least one node ([[tree.nodes]] name = ...)",
     )
+    _validate_dp(cfg)
+
+
+CLIP_RULES = ("median", "adaptive", "fixed")  # = federation.privacy.CLIP_RULES
+
+
+def _validate_dp(cfg: Config) -> None:
+    """[dp] ranges and the DP node names (DESIGN §2 "Differential privacy")."""
+    dp = cfg.dp
+    _check(dp.sigma > 0, f"dp.sigma must be > 0 (the noise multiplier), got {dp.sigma}")
+    _check(0 < dp.delta < 1, f"dp.delta must be in (0, 1), got {dp.delta}")
+    _check(dp.clip in CLIP_RULES, f"dp.clip '{dp.clip}' is unknown{_suggest(dp.clip, CLIP_RULES)}")
+    _check(dp.initial_clip > 0, f"dp.initial_clip must be > 0, got {dp.initial_clip}")
+    _check(dp.epsilon_budget >= 0, f"dp.epsilon_budget must be >= 0 (0: no budget), got {dp.epsilon_budget}")
+    _check(0 < dp.target_quantile < 1, f"dp.target_quantile must be in (0, 1), got {dp.target_quantile}")
+    _check(dp.clip_lr > 0 and dp.bit_sigma > 0, "dp.clip_lr and dp.bit_sigma must be > 0")
+    names = [n.name for n in cfg.tree.nodes]
+    for name in dp.nodes:
+        _check(name in names, f"dp.nodes names '{name}', which is not a tree node{_suggest(name, names)}")
+    root = next((n.name for n in cfg.tree.nodes if not n.parent), None)
+    if cfg.method in ("worldlm", "hierfavg", "fedper") and root is not None:
+        _check(
+            root not in dp_nodes(cfg),
+            f"tree node '{root}' is the root: it sends nothing to a parent, so DP has nothing to privatise there; "
+            "flag leaves or regions instead (dp = true / dp.nodes)",
+        )
+
+
+def dp_nodes(cfg: Config) -> set[str]:
+    """Nodes with differential privacy: `dp = true` on the node or its name in dp.nodes."""
+    return {n.name for n in cfg.tree.nodes if n.dp} | set(cfg.dp.nodes)
 
 
 def key_blocks(cfg: Config) -> int:
@@ -326,7 +373,10 @@ def to_dict(cfg: Config) -> dict[str, Any]:
             return [strip_none(v) for v in obj]
         return obj
 
-    return typing.cast(dict[str, Any], strip_none(dataclasses.asdict(cfg)))
+    out = typing.cast(dict[str, Any], strip_none(dataclasses.asdict(cfg)))
+    if cfg.dp == DPConfig():  # [dp] is written only when set, so configs of runs without DP stay as before
+        del out["dp"]
+    return out
 
 
 def dumps(cfg: Config) -> str:

@@ -94,6 +94,16 @@ class NodeTrainer(Protocol):
         """Train `node` from `params` for `n_steps` with the LR of global steps start_step..; return params."""
 
 
+class Privatizer(Protocol):
+    """DP of flagged nodes (DESIGN §2 "Differential privacy"; implemented by federation.privacy.Privacy)."""
+
+    def applies(self, node: str) -> bool:
+        """Whether `node` privatises what it sends to its parent."""
+
+    def release(self, node: str, update: Update, received: Tensor, split: Split, share_keys: bool) -> Update | None:
+        """The message `node` sends instead of `update` (`received`: its parent's state this visit); None: none."""
+
+
 def _uses_keys(split: Split, opts: FedOptions) -> bool:
     return split.key_blocks > 0 and opts.share_keys
 
@@ -163,15 +173,108 @@ def route_residuals(
     """
     if not residuals:
         return [], []
+    return route_by_keys(residuals, children, torch.stack([split.keys(p) for p in child_params]), tree, opts)
+
+
+def route_by_keys(
+    residuals: list[Residual], children: list[str], keys: Tensor, tree: Tree, opts: FedOptions
+) -> tuple[list[int], list[float]]:
+    """`route_residuals` given the children's key layers [C, L, D] (what a parent knows of its children)."""
+    if not residuals:
+        return [], []
     vectors = torch.stack([r.vector for r in residuals])  # [R, D]
     positions = torch.tensor([r.position for r in residuals], dtype=torch.int64)
-    keys = torch.stack([split.keys(p) for p in child_params])  # [C, L, D]
     allowed = None
     if not opts.route_to_origin:
         subtrees = [set(tree.subtree(c)) for c in children]
         allowed = torch.tensor([[r.origin not in s for s in subtrees] for r in residuals], dtype=torch.bool)
     dest, sims = route_batched(vectors, positions, keys, allowed)
     return dest.tolist(), sims.tolist()
+
+
+# Per-node steps: what one node does when one message arrives. `run_round` (all nodes in one
+# process) and the Flower runner (one process per node) both call these, so they agree exactly.
+
+
+def accept_from_parent(
+    st: NodeState, parent: Tensor, routed: list[Residual], leaf: bool, split: Split, opts: FedOptions
+) -> tuple[Tensor | None, list[Residual]]:
+    """Steps 2–3 (with 4.iii) at a node when its parent's model arrives, updating `st` in place.
+
+    The residuals the parent routed here join D_a on a leaf (aggregated right now) or D_r on an
+    inner node (routed further down after it trains). Returns the attention weights and the D_a used.
+    """
+    (st.to_aggregate if leaf else st.to_route).extend(routed)
+    used, st.to_aggregate = st.to_aggregate, []  # D_a is consumed by this aggregation
+    st.params, weights = receive_from_parent(st.params, parent, used, split, opts)
+    return weights, used
+
+
+def route_pending(
+    st: NodeState, children: list[str], child_keys: list[Tensor], tree: Tree, split: Split, opts: FedOptions
+) -> list[tuple[Residual, str | None, float]]:
+    """Steps 4.ii–iii at an inner node: route its D_r by the children's latest key layers ([L, D] each).
+
+    Empties D_r; returns (residual, destination child or None, cosine similarity) per residual.
+    """
+    pending, st.to_route = st.to_route, []
+    if not pending or not _uses_keys(split, opts):
+        return []
+    dest, sims = route_by_keys(pending, children, torch.stack(child_keys), tree, opts)
+    return [(r, children[d] if d >= 0 else None, s) for r, d, s in zip(pending, dest, sims, strict=True)]
+
+
+def aggregate_step(
+    st: NodeState, updates: list[Update], senders: list[str], is_root: bool, split: Split, opts: FedOptions
+) -> tuple[list[Residual], Tensor | None, list[Residual]]:
+    """Step 4.iv at an inner node once its children's updates arrived, updating `st` in place.
+
+    Returns the residuals it picked, the attention weights, and the residuals to send up (all it
+    picked plus those its children sent); the root keeps them as next round's D_r instead.
+    """
+    assert st.server_opt is not None, "an inner node needs a server optimizer"
+    st.params, picked, weights = aggregate_subtree(st.params, updates, senders, st.server_opt, split, opts)
+    forwarded = picked + [r for u in updates for r in u.residuals]
+    if is_root:  # the root routes everything down at its next visit of its children
+        st.to_route = forwarded
+        return picked, weights, []
+    return picked, weights, forwarded
+
+
+def edge_event(rnd: int, src: str, dst: str, nbytes: int) -> Event:
+    return {"event": "edge", "round": rnd, "src": src, "dst": dst, "bytes": nbytes}
+
+
+def parent_attention_event(rnd: int, node: str, parent: str, used: list[Residual], weights: Tensor) -> Event:
+    members = [node, parent, *[f"residual:{r.origin}@{r.position}" for r in used]]
+    return {
+        "event": "attention",
+        "round": rnd,
+        "node": node,
+        "kind": "parent",
+        "members": members,
+        "weights": weights.tolist(),
+    }
+
+
+def children_attention_event(rnd: int, node: str, senders: list[str], weights: Tensor) -> Event:
+    return {
+        "event": "attention",
+        "round": rnd,
+        "node": node,
+        "kind": "children",
+        "members": [node, *senders],
+        "weights": weights.tolist(),
+    }
+
+
+def pick_event(rnd: int, node: str, r: Residual) -> Event:
+    return {"event": "residual_pick", "round": rnd, "node": node, "origin": r.origin, "position": r.position}
+
+
+def route_event(rnd: int, node: str, r: Residual, target: str | None, similarity: float) -> Event:
+    where = {"node": node, "origin": r.origin, "position": r.position}
+    return {"event": "residual_route", "round": rnd, **where, "destination": target, "similarity": similarity}
 
 
 def message_numel(split: Split, opts: FedOptions, residuals: list[Residual]) -> int:
@@ -201,11 +304,18 @@ def run_round(
     round_idx: int,
     trainer: NodeTrainer,
     emit: Emit,
+    privacy: Privatizer | None = None,
 ) -> None:
-    """Algorithm 1 for one global round, root first; states are updated in place."""
-    start = round_idx * sequential_span(tree, tree.root, opts)
+    """Algorithm 1 for one global round, root first; states are updated in place.
 
-    def visit(q: str, step: int) -> Update:
+    With `privacy`, the update of every node it `applies` to is replaced by its DP release before
+    the parent sees it (paper §4.2, DPFedAvg); a node without a release (budget spent) is left out
+    of its parent's aggregation. Nodes it does not apply to, and runs without it, are unchanged.
+    """
+    start = round_idx * sequential_span(tree, tree.root, opts)
+    received: dict[str, Tensor] = {}  # DP nodes: the parent state they got this visit (the DP reference)
+
+    def visit(q: str, step: int) -> Update | None:
         st = states[q]
         children = list(tree[q].children)
         outbox: list[Residual] = []  # residuals this subtree sends up
@@ -216,86 +326,51 @@ def run_round(
             if not children:
                 break
             routed = _route_down(q, st, children, round_idx)  # 4.ii–iii
-            updates = []
+            updates: list[Update] = []
+            senders: list[str] = []  # children whose update arrived (all of them without DP budgets)
             for c in children:  # notionally in parallel: every child sees the same parent state
                 _send_down(q, c, routed.get(c, []), round_idx)
-                updates.append(visit(c, step))
-                up = message_numel(split, opts, updates[-1].residuals)
+                update = visit(c, step)
+                if update is None:  # a DP child whose ε budget is spent sends nothing (§4.2 accounting)
+                    emit({"event": "dp_withheld", "round": round_idx, "node": c, "parent": q})
+                    continue
+                updates.append(update)
+                senders.append(c)
+                up = message_numel(split, opts, update.residuals)
                 emit({"event": "edge", "round": round_idx, "src": c, "dst": q, "bytes": up * BYTES_PER_VALUE})
             step += max(sequential_span(tree, c, opts) for c in children)
+            if not updates:  # every child withheld: nothing to aggregate this sub-round
+                continue
             assert st.server_opt is not None, f"inner node {q} has no server optimizer"
-            st.params, picked, weights = aggregate_subtree(st.params, updates, children, st.server_opt, split, opts)
+            picked, weights, to_parent = aggregate_step(st, updates, senders, q == tree.root, split, opts)  # 4.iv
             if weights is not None:
-                emit(
-                    {
-                        "event": "attention",
-                        "round": round_idx,
-                        "node": q,
-                        "kind": "children",
-                        "members": [q, *children],
-                        "weights": weights.tolist(),
-                    }
-                )
+                emit(children_attention_event(round_idx, q, senders, weights))
             for r in picked:
-                emit(
-                    {
-                        "event": "residual_pick",
-                        "round": round_idx,
-                        "node": q,
-                        "origin": r.origin,
-                        "position": r.position,
-                    }
-                )
-            forwarded = picked + [r for u in updates for r in u.residuals]
-            if q == tree.root:  # the root routes everything down at its next visit of its children
-                st.to_route = forwarded
-            else:
-                outbox.extend(forwarded)
+                emit(pick_event(round_idx, q, r))
+            outbox.extend(to_parent)
+        if privacy is not None and q in received:  # DPFedAvg: what leaves a DP node is privatised (§4.2)
+            return privacy.release(
+                q, Update(st.params.clone(), outbox), received.pop(q), split, _uses_keys(split, opts)
+            )
         return Update(st.params.clone(), outbox)
 
     def _send_down(q: str, c: str, routed: list[Residual], rnd: int) -> None:
-        child = states[c]
         parent_params = states[q].params
-        child.params, weights = receive_from_parent(child.params, parent_params, child.to_aggregate, split, opts)
+        if privacy is not None and privacy.applies(c):
+            received[c] = parent_params.clone()  # the DP reference: release = this + privatised difference
+        weights, used = accept_from_parent(states[c], parent_params, routed, tree.is_leaf(c), split, opts)  # 2–3
         down = message_numel(split, opts, routed)
-        emit({"event": "edge", "round": rnd, "src": q, "dst": c, "bytes": down * BYTES_PER_VALUE})
+        emit(edge_event(rnd, q, c, down * BYTES_PER_VALUE))
         if weights is not None:
-            emit(
-                {
-                    "event": "attention",
-                    "round": rnd,
-                    "node": c,
-                    "kind": "parent",
-                    "members": [c, q, *[f"residual:{r.origin}@{r.position}" for r in child.to_aggregate]],
-                    "weights": weights.tolist(),
-                }
-            )
-        child.to_aggregate = []  # D_a is consumed by this aggregation
+            emit(parent_attention_event(rnd, c, q, used, weights))
 
     def _route_down(q: str, st: NodeState, children: list[str], rnd: int) -> dict[str, list[Residual]]:
-        pending, st.to_route = st.to_route, []
-        routed: dict[str, list[Residual]] = {}
-        if not pending or not _uses_keys(split, opts):
-            return routed
-        dest, sims = route_residuals(pending, children, [states[c].params for c in children], tree, split, opts)
-        for r, d, s in zip(pending, dest, sims, strict=True):
-            target = children[d] if d >= 0 else None
-            emit(
-                {
-                    "event": "residual_route",
-                    "round": rnd,
-                    "node": q,
-                    "origin": r.origin,
-                    "position": r.position,
-                    "destination": target,
-                    "similarity": s,
-                }
-            )
-            if target is None:
-                continue
-            queue = states[target].to_aggregate if tree.is_leaf(target) else states[target].to_route
-            queue.append(r)
-            routed.setdefault(target, []).append(r)
+        routed: dict[str, list[Residual]] = {}  # the children queue them when the parent's model arrives
+        keys = [split.keys(states[c].params) for c in children] if _uses_keys(split, opts) else []
+        for r, target, sim in route_pending(st, children, keys, tree, split, opts):
+            emit(route_event(rnd, q, r, target, sim))
+            if target is not None:
+                routed.setdefault(target, []).append(r)
         return routed
 
     visit(tree.root, start)

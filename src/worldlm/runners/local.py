@@ -29,6 +29,7 @@ from worldlm.data.mixture import BatchSampler, Span, assign_shards, eval_windows
 from worldlm.data.prepared import load_prepared
 from worldlm.errors import WorldLMError
 from worldlm.evaluate import evaluate
+from worldlm.federation.privacy import DPSettings, Privacy
 from worldlm.federation.server_opt import ServerOptConfig, make_server_opt
 from worldlm.federation.tree import NodeSpec, Tree, TreeNode, build_tree, flat_tree
 from worldlm.federation.worldlm import (
@@ -63,7 +64,27 @@ class Federation:
 
 
 def tree_from_config(cfg: C.Config) -> Tree:
-    return build_tree([NodeSpec(n.name, n.parent, tuple(n.sources), n.dp) for n in cfg.tree.nodes])
+    dp = C.dp_nodes(cfg)  # `dp = true` on a node or its name in dp.nodes (DESIGN §2 "Differential privacy")
+    return build_tree([NodeSpec(n.name, n.parent, tuple(n.sources), n.name in dp) for n in cfg.tree.nodes])
+
+
+def make_privacy(cfg: C.Config, fed: Federation) -> Privacy | None:
+    """The DP state of one federation: its nodes flagged dp that have a parent to privatise against (§4.2)."""
+    parents = {n: p for n in fed.tree.order if fed.tree[n].dp and (p := fed.tree[n].parent) is not None}
+    if not parents:
+        return None
+    d = cfg.dp
+    settings = DPSettings(
+        sigma=d.sigma,
+        delta=d.delta,
+        clip=d.clip,
+        initial_clip=d.initial_clip,
+        epsilon_budget=d.epsilon_budget,
+        target_quantile=d.target_quantile,
+        clip_lr=d.clip_lr,
+        bit_sigma=d.bit_sigma,
+    )
+    return Privacy(settings, parents, {n: node_seed(cfg.seed, f"dp-noise/{n}") for n in parents})
 
 
 def _server_opt_cfg(s: C.ServerOptSettings) -> ServerOptConfig:
@@ -183,6 +204,8 @@ class LocalRun:
         key_blocks = C.key_blocks(cfg) if cfg.method in ("worldlm", "fedper") else 0
         self.layout = ParamLayout(self.model, key_blocks)
         self.feds = plan(cfg, self.tree, self.spans, self.layout)
+        # DP per federation index (only federations holding dp-flagged nodes with a parent)
+        self.privacy = {i: p for i, fed in enumerate(self.feds) if (p := make_privacy(cfg, fed)) is not None}
         first = self.feds[0]
         self.per_round = sequential_span(first.tree, first.tree.root, first.opts)
         self.total_seq = self.per_round * cfg.train.rounds
@@ -265,6 +288,21 @@ class LocalRun:
             self.edge_bytes[key] = self.edge_bytes.get(key, 0) + int(str(event["bytes"]))
         self._write(event)
 
+    def _end_privacy_round(self, privacy: Privacy, rnd: int) -> None:
+        """Paper §4.2: next round's clip bounds; epsilon per DP node into metrics.jsonl; budget stops, loudly."""
+        privacy.end_round()
+        for event in privacy.events:  # a node reached dp.epsilon_budget: logged once, here and on stderr
+            self._write({**event, "round": rnd})
+            print(
+                f"worldlm: DP node '{event['node']}' stops releasing updates in round {rnd}: its next release would "
+                f"reach epsilon {float(str(event['next_epsilon'])):.3g} > dp.epsilon_budget {event['budget']} "
+                f"(spent {float(str(event['epsilon'])):.3g}); its parent aggregates without it",
+                file=sys.stderr,
+            )
+        privacy.events.clear()
+        for record in privacy.records():
+            self._write({"event": "privacy", "round": rnd, **record})
+
     # ------------------------------------------------------------------ evaluation
 
     def evaluate_all(self, split: str, rnd: int) -> dict[str, dict[str, float]]:
@@ -310,6 +348,10 @@ class LocalRun:
         for name, opt in self.trainer.opts.items():
             for idx, entry in opt.state_dict()["state"].items():
                 tensors.update({f"adam/{name}/{idx}/{k}": v for k, v in entry.items()})
+        privacy: dict[str, Any] = {}
+        for i, priv in self.privacy.items():  # accountant ledgers, clip bounds, noise RNG (resume = uninterrupted)
+            priv_tensors, privacy[str(i)] = priv.state_dict()
+            tensors.update({f"dp/{i}/{k}": v for k, v in priv_tensors.items()})
         assert self.metrics is not None
         state = {
             "round": self.round,
@@ -318,6 +360,7 @@ class LocalRun:
             "val": self.val,
             "queues": queues,
             "samplers": {name: sampler.state() for name, sampler in self.trainer.samplers.items()},
+            "privacy": privacy,
             "wall_seconds": self.elapsed_before + time.perf_counter() - self.t_start,
         }
         return Snapshot(self.round, tensors, state)
@@ -349,6 +392,11 @@ class LocalRun:
             opt.load_state_dict({"state": states, "param_groups": template["param_groups"]})
         for name, sampler in self.trainer.samplers.items():
             sampler.set_state(s["samplers"][name])
+        for i, priv in self.privacy.items():
+            prefix = f"dp/{i}/"
+            priv.load_state_dict(
+                {k[len(prefix) :]: v for k, v in t.items() if k.startswith(prefix)}, s["privacy"][str(i)]
+            )
         self.round = snap.round
         self.edge_bytes = dict(s["edge_bytes"])
         self.val = s["val"]
@@ -391,8 +439,11 @@ class LocalRun:
             with _graceful_stop() as stop:
                 while self.round < self.cfg.train.rounds:
                     rnd = self.round
-                    for fed in self.feds:
-                        run_round(fed.tree, fed.states, fed.split, fed.opts, rnd, self.trainer, self._emit)
+                    for i, fed in enumerate(self.feds):
+                        privacy = self.privacy.get(i)
+                        run_round(fed.tree, fed.states, fed.split, fed.opts, rnd, self.trainer, self._emit, privacy)
+                        if privacy is not None:
+                            self._end_privacy_round(privacy, rnd)
                     if self.cfg.eval.every_round or rnd == self.cfg.train.rounds - 1:
                         self.val = self.evaluate_all("val", rnd)
                     self.round += 1
@@ -454,6 +505,24 @@ class LocalRun:
             "bytes_total": sum(edges.values()),
             "bytes_per_value": BYTES_PER_VALUE,
             "wall_seconds": round(self.elapsed_before + time.perf_counter() - self.t_start, 2),
+            **self._privacy_summary(),
+        }
+
+    def _privacy_summary(self) -> dict[str, Any]:
+        """DP runs only (DESIGN §4 run directory contract): epsilon per DP node at the configured delta."""
+        if not self.privacy:
+            return {}
+        privs = list(self.privacy.values())
+        return {
+            "privacy": {
+                "delta": self.cfg.dp.delta,
+                "epsilon": {r["node"]: r["epsilon"] for p in privs for r in p.records()},
+                "sigma": self.cfg.dp.sigma,
+                "clip_rule": self.cfg.dp.clip,
+                "releases": {r["node"]: r["releases"] for p in privs for r in p.records()},
+                "stopped": sorted(n for p in privs for n in p.stopped),
+                "accountant": "dp-accounting RDP, Gaussian mechanism per release, add-or-remove adjacency",
+            }
         }
 
 
@@ -503,4 +572,8 @@ def run(
     warn: Callable[[str], None] = lambda _m: None,
 ) -> dict[str, Any]:
     """Train `cfg.method` on the configured tree and write the run directory; returns summary.json."""
-    return LocalRun(cfg, out, progress).execute(resume=resume, warn=warn)
+    threads = torch.get_num_threads()
+    try:
+        return LocalRun(cfg, out, progress).execute(resume=resume, warn=warn)
+    finally:
+        torch.set_num_threads(threads)  # train.threads applies to this run only, not to the caller
