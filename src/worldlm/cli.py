@@ -8,8 +8,12 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from worldlm.errors import WorldLMError
+
+if TYPE_CHECKING:
+    from worldlm.config import Config
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -59,6 +63,8 @@ def _train(args: argparse.Namespace) -> int:
     from worldlm.runners.local import run
 
     cfg = C.load_config(args.config, args.set)
+    if args.runner != "local":
+        return _train_flower(args, cfg)
     if args.resume:
         out = Path(args.out) if args.out else Path("runs") / cfg.name
         if (out / "summary.json").is_file():
@@ -73,6 +79,69 @@ def _train(args: argparse.Namespace) -> int:
     if not args.quiet:
         print_summary(summary)
         console.print(f"run directory: {out}")
+    return 0
+
+
+def _train_flower(args: argparse.Namespace, cfg: Config) -> int:
+    """`train --runner flower-sim|flower-inproc`: the same run through the Flower apps (runners/flower)."""
+    from worldlm.report import console, print_summary, progress_display
+    from worldlm.runners.flower import require_flower
+
+    if args.resume:
+        raise WorldLMError(f"--resume is not available with --runner {args.runner}; rerun it or use --runner local")
+    require_flower()
+    from worldlm.runners.flower.engines import run_inprocess, run_simulation_engine
+
+    out = _out_dir(args.out, cfg.name, args.force)
+    engine = run_simulation_engine if args.runner == "flower-sim" else run_inprocess
+    with progress_display(quiet=args.quiet) as progress:
+        summary = engine(cfg, out, progress, timeout=args.node_timeout)
+    if not args.quiet:
+        print_summary(summary)
+        console.print(f"run directory: {out} ({args.runner})")
+    return 0
+
+
+def _deploy_local(args: argparse.Namespace) -> int:
+    from worldlm import config as C
+    from worldlm.report import console, print_summary, progress_display
+    from worldlm.runners.flower import require_flower
+
+    cfg = C.load_config(args.config, args.set)
+    require_flower()
+    from worldlm.runners.flower.deploy import deploy_local
+
+    out = _out_dir(args.out, cfg.name, args.force)
+    with progress_display(quiet=args.quiet) as progress:
+        summary = deploy_local(
+            cfg,
+            out,
+            progress,
+            timeout=args.node_timeout,
+            connect_timeout=args.connect_timeout,
+            restart_dead=args.restart_dead,
+            keep_state=args.keep_state,
+        )
+    if not args.quiet:
+        print_summary(summary)
+        console.print(f"run directory: {out} (Flower deployment engine)")
+    return 0
+
+
+def _flower_app(args: argparse.Namespace) -> int:
+    """Write the Flower app and run config for a multi-host deployment (README "Running on Flower")."""
+    from worldlm import config as C
+    from worldlm.runners.flower.deploy import write_app, write_run_config
+
+    cfg = C.load_config(args.config, args.set)
+    dest = Path(args.out)
+    dest.mkdir(parents=True, exist_ok=True)
+    app = write_app(dest)
+    run_out = args.run_out
+    run_config = write_run_config(dest / "run-config.toml", cfg, Path(run_out), args.node_timeout, args.connect_timeout)
+    if not args.quiet:
+        print(f"Flower app: {app}\nrun config: {run_config} (run directory on the SuperLink host: {run_out})")
+        print(f"submit with: flwr run {app} <connection> --run-config {run_config} --stream")
     return 0
 
 
@@ -146,7 +215,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default: runs/<name>)")
     p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's newest valid checkpoint")
+    p.add_argument(
+        "--runner",
+        choices=["local", "flower-sim", "flower-inproc"],
+        default="local",
+        help="local: in-process (default); flower-sim: Flower's simulation engine; "
+        "flower-inproc: the Flower apps over in-process messages (debugging)",
+    )
+    p.add_argument(
+        "--node-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="Flower runners: a node that does not answer a message within this is left out of that round",
+    )
     p.set_defaults(func=_train)
+
+    p = sub.add_parser(
+        "deploy-local",
+        help="run on Flower's deployment engine: a SuperLink and one SuperNode per tree node on 127.0.0.1",
+    )
+    common(p)
+    p.add_argument("--out", help="run directory (default: runs/<name>)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    p.add_argument(
+        "--node-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="a node that does not answer a message within this is left out of that round (default 600)",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long to wait for every SuperNode to connect (default 300)",
+    )
+    p.add_argument(
+        "--restart-dead",
+        action="store_true",
+        help="restart a SuperNode that exits during the run (it rejoins at the next round)",
+    )
+    p.add_argument("--keep-state", action="store_true", help="keep the nodes' private state files (<out>/flower/state)")
+    p.set_defaults(func=_deploy_local)
+
+    p = sub.add_parser("flower-app", help="write the Flower app and run config for a multi-host deployment")
+    common(p)
+    p.add_argument("--out", required=True, help="directory for worldlm-app/ and run-config.toml")
+    p.add_argument("--run-out", required=True, help="run directory on the SuperLink host (an absolute path there)")
+    p.add_argument("--node-timeout", type=float, default=600.0, metavar="SECONDS", help="per-message timeout")
+    p.add_argument("--connect-timeout", type=float, default=300.0, metavar="SECONDS", help="wait for SuperNodes")
+    p.set_defaults(func=_flower_app)
 
     p = sub.add_parser("compare", help="train several methods on the same tree and compare them")
     common(p)

@@ -1,0 +1,515 @@
+"""The coordinator: the ServerApp's side of the Flower runner (DESIGN §4, §6).
+
+It drives one global round of Algorithm 1 over the tree by messages, root first:
+
+    train.visit      -> node q: [parent's model + routed residuals] -> steps 2–3, 4.i training,
+                        4.ii–iii routing; a leaf replies with its update, an inner node with its
+                        model and the residuals routed to each child
+    (the same for every child of q, in parallel, with q's model)
+    train.aggregate  -> node q: its children's updates -> step 4.iv; the last sub-round replies
+                        with q's update and the residuals it sends up
+    evaluate         -> every node: its personalised model on its own held-out split
+
+The coordinator only relays: it never trains, aggregates, routes or decodes a model, and it
+never sees data. It counts the parameter bytes of every model message on the tree edge it
+stands for, writes metrics.jsonl / summary.json, and leaves out of an aggregation any node that
+does not answer within `timeout` seconds (logged; the run goes on). Nodes are looked up by the
+node-name they report, every round, so a restarted SuperNode rejoins at the next round.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from worldlm import config as C
+from worldlm.errors import WorldLMError
+from worldlm.federation.tree import Tree
+from worldlm.federation.worldlm import BYTES_PER_VALUE, Split, edge_event, sequential_span, trainings_per_round
+from worldlm.io import JsonlWriter, atomic_write_json, atomic_write_text
+from worldlm.model import ParamLayout
+from worldlm.runners.flower import wire
+from worldlm.runners.flower.node import check_supported, host_of
+from worldlm.runners.local import Federation, plan, tree_from_config
+
+ProgressFn = Callable[[dict[str, Any]], None]
+LogFn = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(f"worldlm: {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------- a tiny message scheduler
+
+
+@dataclass
+class Call:
+    """Send one message to the SuperNode hosting engine node `node`; the job resumes with the reply (None: none)."""
+
+    node: str
+    kind: str
+    content: RecordDict
+    round: int
+
+
+@dataclass
+class Gather:
+    """Run these jobs concurrently; the job resumes with the list of their results."""
+
+    jobs: list[Job]
+
+
+Job = Generator[Call | Gather, Any, Any]
+
+
+@dataclass
+class _Task:
+    gen: Job
+    parent: _Task | None
+    slot: int
+    waiting: int = 0
+    results: list[Any] = field(default_factory=list)
+
+
+class Dispatcher:
+    """Runs jobs (generators) that yield Calls and Gathers: every sibling subtree proceeds independently.
+
+    Messages are pushed as soon as a job needs them and replies pulled as they come, so a slow
+    node only holds up its own subtree. A Call without a reply within `timeout` resumes with None.
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        resolve: Callable[[str], int | None],
+        timeout: float,
+        on_missing: Callable[[Call, str], None],
+        poll: float = 0.05,
+    ) -> None:
+        self.grid, self.resolve, self.timeout, self.on_missing, self.poll = grid, resolve, timeout, on_missing, poll
+        self.pending: dict[str, tuple[_Task, float, Call]] = {}
+        self.results: list[Any] = []
+
+    def run(self, jobs: list[Job]) -> list[Any]:
+        self.results = [None] * len(jobs)
+        for i, job in enumerate(jobs):
+            self._step(_Task(job, None, i), None)
+        while self.pending:
+            replies = list(self.grid.pull_messages(list(self.pending)))
+            for reply in replies:
+                entry = self.pending.pop(reply.metadata.reply_to_message_id, None)
+                if entry is None:
+                    continue
+                task, _, call = entry
+                if reply.has_error():
+                    self.on_missing(call, f"error: {reply.error.reason}")
+                    self._step(task, None)
+                else:
+                    self._step(task, reply)
+            now = time.monotonic()
+            for mid, (task, deadline, call) in list(self.pending.items()):
+                if now > deadline and mid in self.pending:
+                    del self.pending[mid]
+                    self.on_missing(call, f"no reply within {self.timeout:g} s")
+                    self._step(task, None)
+            if not replies and self.pending:
+                time.sleep(self.poll)
+        return self.results
+
+    def _step(self, task: _Task, value: Any) -> None:
+        while True:
+            try:
+                request = task.gen.send(value)
+            except StopIteration as stop:
+                self._finish(task, stop.value)
+                return
+            if isinstance(request, Gather):
+                if not request.jobs:
+                    value = []
+                    continue
+                task.waiting, task.results = len(request.jobs), [None] * len(request.jobs)
+                for i, job in enumerate(request.jobs):
+                    self._step(_Task(job, task, i), None)
+                return
+            node_id = self.resolve(request.node)
+            if node_id is None:
+                self.on_missing(request, "not connected")
+                value = None
+                continue
+            msg = Message(
+                request.content,
+                node_id,
+                request.kind,
+                ttl=max(self.timeout, 10.0),  # a message nobody took in time expires instead of running late
+                group_id=str(request.round),
+            )
+            ids = list(self.grid.push_messages([msg]))
+            if not ids or not ids[0]:
+                self.on_missing(request, "could not be pushed to the SuperLink")
+                value = None
+                continue
+            self.pending[ids[0]] = (task, time.monotonic() + self.timeout, request)
+            return
+
+    def _finish(self, task: _Task, value: Any) -> None:
+        if task.parent is None:
+            self.results[task.slot] = value
+            return
+        parent = task.parent
+        parent.results[task.slot] = value
+        parent.waiting -= 1
+        if parent.waiting == 0:
+            self._step(parent, parent.results)
+
+
+# ---------------------------------------------------------------------- which SuperNode is which tree node
+
+
+class Directory:
+    """Tree node name -> SuperNode id, from the names nodes report (`query.hello`); refreshed every round."""
+
+    def __init__(self, grid: Grid, timeout: float, log: LogFn) -> None:
+        self.grid, self.timeout, self.log = grid, timeout, log
+        self.ids: dict[str, int] = {}
+        self.info: dict[str, dict[str, Any]] = {}
+        self.asked: dict[int, int] = {}  # node id -> hellos sent without an answer
+        self.retired: set[int] = set()  # ids of SuperNodes that were replaced by a restarted one
+
+    def refresh(self, wait: float) -> list[str]:
+        """Greet SuperNodes not yet known; returns tree nodes that (re)joined."""
+        known = set(self.ids.values()) | self.retired
+        new = [i for i in self.grid.get_node_ids() if i not in known and self.asked.get(i, 0) < 3]
+        if not new:
+            return []
+        for i in new:
+            self.asked[i] = self.asked.get(i, 0) + 1
+        msgs = [Message(RecordDict({"cfg": ConfigRecord({})}), i, "query.hello", ttl=max(wait, 10.0)) for i in new]
+        joined = []
+        for reply in self.grid.send_and_receive(msgs, timeout=wait):
+            src = reply.metadata.src_node_id
+            if reply.has_error():
+                self.log(f"SuperNode {src} cannot take part: {reply.error.reason}")
+                self.asked[src] = 3
+                continue
+            info = dict(reply.content.config_records["hello"])
+            name = str(info["node-name"])
+            if name in self.ids and self.ids[name] != src:
+                self.log(f"tree node '{name}' rejoined as SuperNode {src} (was {self.ids[name]})")
+                self.retired.add(self.ids[name])
+            self.ids[name] = src
+            self.info[name] = info
+            self.asked.pop(src, None)
+            joined.append(name)
+        return joined
+
+    def wait_for(self, names: list[str], connect_timeout: float) -> None:
+        deadline = time.monotonic() + connect_timeout
+        while True:
+            self.refresh(wait=min(30.0, max(1.0, deadline - time.monotonic())))
+            missing = [n for n in names if n not in self.ids]
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise WorldLMError(
+                    f"tree node(s) {', '.join(missing)} did not connect within {connect_timeout:g} s; start a "
+                    "SuperNode for each with --node-config 'node-name=\"<name>\"'"
+                )
+            time.sleep(0.5)
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """The parameter layout as the nodes report it (the coordinator never builds the model)."""
+
+    backbone_size: int
+    key_blocks: int
+    key_size: int
+    total: int
+
+    @property
+    def split(self) -> Split:
+        return Split(self.backbone_size, self.key_blocks, self.key_size)
+
+
+def engine_plan(cfg: C.Config, tree: Tree, sizes: _Sizes | None = None) -> list[Federation]:
+    """The method's engine federations without data or model (trees, steps, options; Split from `sizes`)."""
+    layout = cast(ParamLayout, sizes or _Sizes(1, 0, 0, 1))
+    return plan(cfg, tree, {n: [] for n in tree.order}, layout)
+
+
+def steps_per_round(feds: list[Federation]) -> int:
+    return sum(f.opts.local_steps[n] * trainings_per_round(f.tree, n, f.opts) for f in feds for n in f.tree.order)
+
+
+# ---------------------------------------------------------------------- the coordinator
+
+
+class Coordinator:
+    """One run of `cfg.method` through a Flower Grid; writes the run directory (same contract as LocalRun)."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        cfg: C.Config,
+        out: Path,
+        timeout: float = 600.0,
+        connect_timeout: float = 300.0,
+        progress: ProgressFn | None = None,
+        log: LogFn = _stderr,
+    ) -> None:
+        check_supported(cfg)
+        self.grid, self.cfg, self.out = grid, cfg, out
+        self.timeout, self.connect_timeout = timeout, connect_timeout
+        self.progress = progress or (lambda _e: None)
+        self.log = log
+        self.tree = tree_from_config(cfg)
+        self.directory = Directory(grid, min(timeout, 60.0), log)
+        self.dispatcher = Dispatcher(grid, self._resolve, timeout, self._missing)
+        self.edge_bytes: dict[str, int] = {}
+        self.metrics: JsonlWriter | None = None
+        self.trained = 0  # train.visit replies this round
+
+    def _resolve(self, engine_node: str) -> int | None:
+        return self.directory.ids.get(host_of(engine_node, self.tree))
+
+    def _missing(self, call: Call, reason: str) -> None:
+        self.log(f"round {call.round}: node '{call.node}' left out ({call.kind}: {reason})")
+        self._write(
+            {"event": "left_out", "round": call.round, "node": call.node, "message": call.kind, "reason": reason}
+        )
+
+    def _write(self, record: dict[str, Any]) -> None:
+        assert self.metrics is not None
+        self.metrics.write(record)
+
+    def _edge(self, rnd: int, src: str, dst: str, nbytes: int) -> None:
+        key = f"{src}->{dst}"
+        self.edge_bytes[key] = self.edge_bytes.get(key, 0) + nbytes
+        self._write(edge_event(rnd, src, dst, nbytes))
+
+    def _node_log(self, reply: Message) -> None:
+        for record in wire.json_from(reply.content, "log") or []:
+            self._write(record)
+            if record.get("split") == "train":
+                tokens = self.cfg.train.batch_size * self.cfg.model.seq_len
+                n = self.feds_steps.get(str(record["node"]), 0)
+                for i in range(n):
+                    step = int(record["step"]) - n + i
+                    event = {"kind": "step", "node": record["node"], "step": step, "loss": record["loss"]}
+                    self.progress({**event, "tokens": tokens})
+
+    # ------------------------------------------------------------------ one round, by messages
+
+    def _visit(self, fed: Federation, q: str, rnd: int, step: int, parent: str | None, down: RecordDict | None) -> Job:
+        """One visit of q (Algorithm 1 from q down): returns q's update message, or None if q's subtree is out."""
+        tree, opts = fed.tree, fed.opts
+        children = list(tree[q].children)
+        final: Message | None = None
+        subs = opts.sub_rounds if children else 1
+        for sub in range(subs):  # T_q sub-rounds per parent visit
+            content = RecordDict()
+            cfg: dict[str, Any] = {"node": q, "round": rnd, "step": step}
+            if sub == 0 and down is not None and parent is not None:
+                content["model"] = down.array_records["model"]
+                wire.copy_residuals(down, "routed", content, "routed")
+                cfg["parent"] = parent
+                nbytes = wire.value_bytes(content.array_records["model"])
+                nbytes += wire.value_bytes(content.array_records.get("routed"))
+                self._edge(rnd, parent, q, nbytes)
+            content["cfg"] = ConfigRecord(cfg)
+            reply = yield Call(q, "train.visit", content, rnd)
+            if reply is None:
+                return None
+            self.trained += 1
+            self._node_log(reply)
+            step += opts.local_steps[q]
+            if not children:
+                return reply
+            downs = []
+            for c in children:
+                d = RecordDict({"model": reply.content.array_records["model"]})
+                wire.copy_residuals(reply.content, f"routed/{c}", d, "routed")
+                downs.append(d)
+            updates = yield Gather([self._visit(fed, c, rnd, step, q, d) for c, d in zip(children, downs, strict=True)])
+            step += max(sequential_span(tree, c, opts) for c in children)
+            senders = [c for c, u in zip(children, updates, strict=True) if u is not None]
+            agg = RecordDict()
+            for c, u in zip(children, updates, strict=True):
+                if u is None:
+                    continue
+                agg[f"update/{c}"] = u.content.array_records["update"]
+                wire.copy_residuals(u.content, "residuals", agg, f"residuals/{c}")
+                nbytes = wire.value_bytes(u.content.array_records["update"])
+                nbytes += wire.value_bytes(u.content.array_records.get("residuals"))
+                self._edge(rnd, c, q, nbytes)
+            agg_cfg: dict[str, Any] = {"node": q, "round": rnd, "final": sub == subs - 1}
+            if senders:
+                agg_cfg["senders"] = senders
+            agg["cfg"] = ConfigRecord(agg_cfg)
+            final = yield Call(q, "train.aggregate", agg, rnd)
+            if final is None:
+                return None
+            self._node_log(final)
+        return final
+
+    def _evaluate_node(self, fed: Federation, q: str, split: str, rnd: int, last: bool, deployed: Any | None) -> Job:
+        mode = self.cfg.eval.model
+        content = RecordDict(
+            {"cfg": ConfigRecord({"node": q, "split": split, "round": rnd, "final": last, "mode": mode})}
+        )
+        if deployed is not None:
+            content["deployed"] = deployed
+        reply = yield Call(q, "evaluate", content, rnd)
+        results: dict[str, dict[str, float]] = {}
+        if reply is None:
+            return results
+        metrics = reply.content.metric_records["metrics"]
+        for key in metrics:
+            user, what = str(key).rsplit("/", 1)
+            results.setdefault(user, {})[what] = float(cast(float, metrics[key]))
+        children = fed.tree[q].children
+        if mode == "deployed" and children and "deployed" in reply.content.array_records:
+            model = reply.content.array_records["deployed"]
+            below = yield Gather([self._evaluate_node(fed, c, split, rnd, last, model) for c in children])
+            for part in below:
+                results.update(part)
+        return results
+
+    def evaluate_all(self, split: str, rnd: int, last: bool = False) -> dict[str, dict[str, float]]:
+        jobs: list[Job] = []
+        for fed in self.feds:
+            if self.cfg.eval.model == "deployed":
+                jobs.append(self._evaluate_node(fed, fed.tree.root, split, rnd, last, None))
+            else:
+                for eng in dict.fromkeys(fed.evaluates.values()):
+                    jobs.append(self._evaluate_node(fed, eng, split, rnd, last, None))
+        results: dict[str, dict[str, float]] = {}
+        for part in self.dispatcher.run(jobs):
+            results.update(part)
+        for fed in self.feds:  # the in-process runner's record order
+            for user in fed.evaluates:
+                if user not in results:
+                    continue
+                r = results[user]
+                self._write(
+                    {
+                        "round": rnd,
+                        "stage": None,
+                        "node": user,
+                        "split": split,
+                        "loss": r["loss"],
+                        "ppl": r["ppl"],
+                        "tokens": int(r["tokens"]),
+                        "step": (rnd + 1) * self.per_round,
+                    }
+                )
+        shown = {u: {"loss": r["loss"], "ppl": r["ppl"]} for u, r in results.items()}
+        self.progress({"kind": "eval", "split": split, "round": rnd, "results": shown})
+        return shown
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> dict[str, Any]:
+        t_start = time.perf_counter()
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "config.toml", C.dumps(cfg))
+        (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        self.metrics = JsonlWriter(self.out / "metrics.jsonl")
+        try:
+            names = list(self.tree.order)
+            self.log(f"waiting for {len(names)} tree nodes to connect: {', '.join(names)}")
+            self.directory.wait_for(names, self.connect_timeout)
+            info = self.directory.info[self.tree.root]
+            sizes = {
+                (int(i["backbone-size"]), int(i["key-blocks"]), int(i["key-size"]))
+                for i in self.directory.info.values()
+            }
+            if len(sizes) != 1:
+                raise WorldLMError(
+                    f"nodes disagree on the model layout {sorted(sizes)}: same config and data everywhere?"
+                )
+            bb, kb, ks = sizes.pop()
+            self.feds = engine_plan(cfg, self.tree, _Sizes(bb, kb, ks, bb + kb * ks))
+            first = self.feds[0]
+            self.per_round = sequential_span(first.tree, first.tree.root, first.opts)
+            self.feds_steps = {n: f.opts.local_steps[n] for f in self.feds for n in f.tree.order}
+            total = steps_per_round(self.feds) * cfg.train.rounds
+            self.progress({"kind": "start", "method": cfg.method, "total_steps": total, "rounds": cfg.train.rounds})
+            val: dict[str, dict[str, float]] = {}
+            for rnd in range(cfg.train.rounds):
+                if rnd > 0:
+                    for name in self.directory.refresh(wait=min(self.timeout, 30.0)):
+                        self._write({"event": "rejoined", "round": rnd, "node": name})
+                self.trained = 0
+                jobs = [
+                    self._visit(f, f.tree.root, rnd, rnd * sequential_span(f.tree, f.tree.root, f.opts), None, None)
+                    for f in self.feds
+                ]
+                self.dispatcher.run(jobs)
+                if self.trained == 0:
+                    raise WorldLMError(f"round {rnd}: no node answered; see the log above")
+                if cfg.eval.every_round or rnd == cfg.train.rounds - 1:
+                    val = self.evaluate_all("val", rnd)
+                self.log(f"round {rnd + 1}/{cfg.train.rounds} done")
+            test = self.evaluate_all("test", cfg.train.rounds - 1, last=True)
+        finally:
+            self.metrics.close()
+        summary = self._summary(test, val, int(info["parameters"]), kb, time.perf_counter() - t_start)
+        atomic_write_json(self.out / "summary.json", summary)
+        return summary
+
+    def _summary(
+        self, test: dict[str, dict[str, float]], val: dict[str, dict[str, float]], params: int, kb: int, wall: float
+    ) -> dict[str, Any]:
+        """summary.json exactly as LocalRun writes it; nodes that never answered the test are listed as missing."""
+        names = list(self.tree.order)
+        missing = [n for n in names if n not in test]
+        if len(missing) == len(names):
+            raise WorldLMError("no node answered the final evaluation; no summary")
+        ppls = np.array([test[n]["ppl"] for n in names if n in test])
+        edges = self.edge_bytes
+
+        def sent(n: str) -> int:
+            return sum(v for k, v in edges.items() if k.split("->")[0] == n)
+
+        def received(n: str) -> int:
+            return sum(v for k, v in edges.items() if k.split("->")[1] == n)
+
+        summary: dict[str, Any] = {
+            "name": self.cfg.name,
+            "method": self.cfg.method,
+            "seed": self.cfg.seed,
+            "nodes": {
+                n: {
+                    "ppl": test[n]["ppl"] if n in test else None,
+                    "loss": test[n]["loss"] if n in test else None,
+                    "val_ppl": val[n]["ppl"] if n in val else None,
+                    "bytes_sent": sent(n),
+                    "bytes_received": received(n),
+                }
+                for n in names
+            },
+            "mean_ppl": float(ppls.mean()),
+            "std_ppl": float(ppls.std()),
+            "rounds": self.cfg.train.rounds,
+            "sequential_steps": self.per_round * self.cfg.train.rounds,
+            "parameters": params,
+            "key_blocks": kb,
+            "bytes_per_edge": dict(sorted(edges.items())),
+            "bytes_total": sum(edges.values()),
+            "bytes_per_value": BYTES_PER_VALUE,
+            "wall_seconds": round(wall, 2),
+        }
+        if missing:
+            summary["missing_nodes"] = missing
+        return summary

@@ -1,0 +1,400 @@
+"""`worldlm deploy-local`: the Flower apps on Flower's deployment engine, every organisation its own process.
+
+On 127.0.0.1 it starts one SuperLink and one SuperNode per tree node (`--insecure`, node config
+`node-name=...`), submits the run with `flwr run`, follows metrics.jsonl for progress, and stops
+exactly the processes it started — and what they started (SuperExec, ServerApp, ClientApps) —
+on success, failure or Ctrl-C. PIDs are written to `<out>/flower/pids.json` as they change.
+
+Layout of `<out>/flower/`: `app/` (the Flower app: a pyproject.toml naming
+`worldlm.runners.flower.app`), `run-config.toml` (the resolved worldlm config and the run options),
+`home/` (FLWR_HOME: the SuperLink connection, installed app bundles), `logs/` (one log per
+process), `state/<node>/` (each node's private state between messages; removed after a successful
+run unless kept).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from worldlm import config as C
+from worldlm.errors import WorldLMError
+from worldlm.runners.flower import FLOWER_ENV, require_flower
+from worldlm.runners.flower.coordinator import ProgressFn, engine_plan, steps_per_round
+from worldlm.runners.flower.node import check_supported
+from worldlm.runners.local import tree_from_config
+
+CONNECTION = "worldlm-local"
+APP_PYPROJECT = """\
+# A Flower app whose components live in the installed worldlm package (worldlm.runners.flower.app).
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "worldlm-app"
+version = "1.0.0"
+description = "WorldLM: federated pre-training over a tree of federations"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "worldlm"
+
+[tool.flwr.app.components]
+serverapp = "worldlm.runners.flower.app:server_app"
+clientapp = "worldlm.runners.flower.app:client_app"
+
+[tool.flwr.app.config]
+worldlm-config = ""
+out = ""
+timeout = 600.0
+connect-timeout = 300.0
+"""
+
+
+def write_app(dest: Path) -> Path:
+    """The Flower app directory `flwr run` bundles (also what a multi-host user runs)."""
+    app = dest / "worldlm-app"
+    app.mkdir(parents=True, exist_ok=True)
+    (app / "pyproject.toml").write_text(APP_PYPROJECT, encoding="utf-8")
+    return app
+
+
+def write_run_config(path: Path, cfg: C.Config, out: Path, timeout: float, connect_timeout: float) -> Path:
+    """The run config overrides (`flwr run ... --run-config FILE`): the resolved config travels with the run."""
+    values = {"worldlm-config": C.dumps(cfg), "out": str(out), "timeout": timeout, "connect-timeout": connect_timeout}
+    path.write_text(tomli_w.dumps(values), encoding="utf-8")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _bin(name: str) -> str:
+    """A Flower command from this interpreter's environment (the venv), else from PATH."""
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else (shutil.which(name) or name)
+
+
+# ---------------------------------------------------------------------- processes we own
+
+
+def _proc_stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time) of a live process, from /proc (Linux); None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()
+    if fields[0] == "Z":  # a zombie has exited already
+        return None
+    return int(fields[1]), int(fields[19])
+
+
+def _descendants(root: int) -> list[tuple[int, int]]:
+    """(pid, start time) of every live descendant of `root` (their identity, so a reused PID is never hit)."""
+    children: dict[int, list[tuple[int, int]]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (st := _proc_stat(int(entry.name))) is not None:
+            children.setdefault(st[0], []).append((int(entry.name), st[1]))
+    out, frontier = [], [root]
+    while frontier:
+        nxt = [c for p in frontier for c in children.get(p, [])]
+        out.extend(nxt)
+        frontier = [pid for pid, _ in nxt]
+    return out
+
+
+def _alive(pid: int, start: int) -> bool:
+    st = _proc_stat(pid)
+    return st is not None and st[1] == start
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the child gets SIGTERM if worldlm itself dies (even by SIGKILL), so nothing is left behind."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Started:
+    name: str
+    argv: list[str]
+    log: Path
+    proc: subprocess.Popen[bytes]
+    start_time: int = 0
+
+
+@dataclass
+class Processes:
+    """The processes deploy-local started; `stop_all` ends exactly them and their descendants."""
+
+    env: dict[str, str]
+    pid_file: Path
+    log: Callable[[str], None]
+    started: dict[str, Started] = field(default_factory=dict)
+
+    def start(self, name: str, argv: list[str], log: Path) -> Started:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("ab") as fh:
+            proc = subprocess.Popen(
+                argv,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                start_new_session=True,  # Ctrl-C reaches worldlm, which stops them in order
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+        st = _proc_stat(proc.pid)
+        self.started[name] = Started(name, argv, log, proc, st[1] if st else 0)
+        self._write_pids()
+        return self.started[name]
+
+    def _write_pids(self) -> None:
+        pids = {name: s.proc.pid for name, s in self.started.items() if s.proc.poll() is None}
+        self.pid_file.write_text(json.dumps(pids, indent=2) + "\n")
+
+    def stop(self, name: str, grace: float = 10.0) -> None:
+        s = self.started.pop(name, None)
+        if s is None:
+            return
+        family = _descendants(s.proc.pid) if s.proc.poll() is None else []
+        if s.proc.poll() is None:
+            s.proc.send_signal(signal.SIGTERM)
+            try:
+                s.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self.log(f"{name} (pid {s.proc.pid}) did not stop in {grace:g} s; killing it")
+                s.proc.kill()
+                s.proc.wait()
+        self._reap(family)
+        self._write_pids()
+
+    def _reap(self, family: list[tuple[int, int]], grace: float = 5.0) -> None:
+        """Descendants stop on their own once their parent is gone (Flower's parent monitors); make sure."""
+        deadline = time.monotonic() + grace
+        while any(_alive(*p) for p in family) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            left = [p for p in family if _alive(*p)]
+            for pid, _ in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            if left:
+                time.sleep(1.0)
+
+    def stop_all(self) -> None:
+        for name in reversed(list(self.started)):  # flwr run, the SuperNodes, then the SuperLink
+            self.stop(name)
+
+
+# ---------------------------------------------------------------------- progress from metrics.jsonl
+
+
+class _Follower:
+    """Turns new metrics.jsonl records into progress events (the ServerApp runs in another process)."""
+
+    def __init__(self, path: Path, cfg: C.Config, progress: ProgressFn) -> None:
+        self.path, self.cfg, self.progress = path, cfg, progress
+        feds = engine_plan(cfg, tree_from_config(cfg))
+        self.steps = {n: f.opts.local_steps[n] for f in feds for n in f.tree.order}
+        total = steps_per_round(feds) * cfg.train.rounds
+        progress({"kind": "start", "method": cfg.method, "total_steps": total, "rounds": cfg.train.rounds})
+        self.offset = 0
+        self.evals: dict[tuple[int, str], dict[str, dict[str, float]]] = {}
+        self.n_eval = 0
+
+    def poll(self) -> None:
+        if not self.path.is_file():
+            return
+        with self.path.open("rb") as fh:
+            fh.seek(self.offset)
+            data = fh.read()
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        for line in data[:end].splitlines():
+            rec = json.loads(line)
+            if rec.get("split") == "train":
+                n = self.steps.get(str(rec["node"]), 1)
+                tokens = self.cfg.train.batch_size * self.cfg.model.seq_len
+                for _ in range(n):
+                    self.progress({"kind": "step", "node": rec["node"], "loss": rec["loss"], "tokens": tokens})
+            elif rec.get("split") in ("val", "test"):
+                key = (int(rec["round"]), str(rec["split"]))
+                self.evals.setdefault(key, {})[rec["node"]] = {"loss": rec["loss"], "ppl": rec["ppl"]}
+                if len(self.evals[key]) == len(self.cfg.tree.nodes):
+                    self.progress({"kind": "eval", "split": key[1], "round": key[0], "results": self.evals[key]})
+            elif rec.get("event") == "left_out":
+                self.progress({"kind": "note", "message": f"round {rec['round']}: {rec['node']} left out"})
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops deploy-local like Ctrl-C: through the `finally` that stops every process."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def deploy_local(
+    cfg: C.Config,
+    out: Path,
+    progress: ProgressFn | None = None,
+    timeout: float = 600.0,
+    connect_timeout: float = 300.0,
+    restart_dead: bool = False,
+    restart_delay: float = 5.0,
+    keep_state: bool = False,
+    log: Callable[[str], None] = lambda m: print(f"worldlm: {m}", file=sys.stderr, flush=True),
+) -> dict[str, Any]:
+    """Run `cfg` through a SuperLink and one SuperNode per tree node on 127.0.0.1; returns summary.json."""
+    require_flower()
+    check_supported(cfg)
+    import torch
+
+    progress = progress or (lambda _e: None)
+    out = out.resolve()
+    work = out / "flower"
+    logs = work / "logs"
+    for sub in ("logs", "home", "state"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    app = write_app(work)
+    run_config = write_run_config(work / "run-config.toml", cfg, out, timeout, connect_timeout)
+    port = free_port()
+    (work / "home" / "config.toml").write_text(
+        tomli_w.dumps(
+            {"superlink": {"default": CONNECTION, CONNECTION: {"address": f"127.0.0.1:{port}", "insecure": True}}}
+        )
+    )
+    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(work / "home")}
+    # Flower starts its own helpers (flower-superexec, flwr-serverapp, flwr-clientapp) from PATH
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    procs = Processes(env, work / "pids.json", log)
+    tree = tree_from_config(cfg)
+    threads = torch.get_num_threads()  # nodes sum in the same order as the in-process runner here
+    data_path = Path(cfg.data.path).resolve()
+
+    def supernode_argv(name: str) -> list[str]:
+        node_cfg = " ".join(  # what each organisation would set on its own host
+            [
+                f'node-name="{name}"',
+                f'data-path="{data_path}"',
+                f'state-dir="{work / "state" / name}"',
+                f'out-dir="{out / "checkpoints"}"',
+                f"threads={threads}",
+            ]
+        )
+        return [
+            _bin("flower-supernode"),
+            "--insecure",
+            "--superlink",
+            f"127.0.0.1:{port}",
+            "--port",
+            str(free_port()),
+            "--node-config",
+            node_cfg,
+        ]
+
+    t0 = time.perf_counter()
+    try:
+        with _sigterm_as_interrupt():
+            superlink = procs.start(
+                "superlink",
+                [
+                    _bin("flower-superlink"),
+                    "--insecure",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--disable-runtime-dependency-installation",
+                ],
+                logs / "superlink.log",
+            )
+            _wait_for_port(port, superlink, 120.0)
+            for name in tree.order:
+                procs.start(f"supernode:{name}", supernode_argv(name), logs / f"supernode-{name}.log")
+            log(f"SuperLink on 127.0.0.1:{port}, {len(tree.order)} SuperNodes; logs in {logs}")
+            runner = procs.start(
+                "flwr-run",
+                [_bin("flwr"), "run", str(app), CONNECTION, "--run-config", str(run_config), "--stream"],
+                logs / "run.log",
+            )
+            follower = _Follower(out / "metrics.jsonl", cfg, progress)
+            dead_since: dict[str, float] = {}
+            while runner.proc.poll() is None:
+                time.sleep(0.5)
+                follower.poll()
+                if superlink.proc.poll() is not None:
+                    raise WorldLMError(f"the SuperLink exited (code {superlink.proc.returncode}); see {superlink.log}")
+                for name in tree.order:
+                    key = f"supernode:{name}"
+                    s = procs.started.get(key)
+                    if s is None or s.proc.poll() is None:
+                        continue
+                    if key not in dead_since:
+                        log(
+                            f"SuperNode '{name}' exited (code {s.proc.returncode}); "
+                            "its node is left out until it is back"
+                        )
+                        dead_since[key] = time.monotonic()
+                    if restart_dead and time.monotonic() - dead_since[key] > restart_delay:
+                        procs.stop(key)
+                        procs.start(key, supernode_argv(name), s.log)
+                        del dead_since[key]
+                        log(f"restarted SuperNode '{name}'; it rejoins at the next round")
+            follower.poll()
+            summary_path = out / "summary.json"
+            if not summary_path.is_file():
+                tail = "".join(runner.log.read_text(errors="replace").splitlines(keepends=True)[-15:])
+                raise WorldLMError(f"the Flower run ended without summary.json; the end of {runner.log}:\n{tail}")
+            summary: dict[str, Any] = json.loads(summary_path.read_text())
+    finally:
+        procs.stop_all()
+    if not keep_state:
+        shutil.rmtree(work / "state", ignore_errors=True)
+    log(f"deploy-local finished in {time.perf_counter() - t0:.1f} s; all Flower processes stopped")
+    return summary
+
+
+def _wait_for_port(port: int, proc: Started, limit: float) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc.proc.poll() is not None:
+            raise WorldLMError(f"{proc.name} exited at start (code {proc.proc.returncode}); see {proc.log}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise WorldLMError(f"{proc.name} did not open port {port} within {limit:g} s; see {proc.log}")

@@ -1,0 +1,442 @@
+"""The organisation's side of the Flower runner: what one SuperNode's ClientApp does (DESIGN §4, §6).
+
+A SuperNode is one node of the user's tree (`--node-config 'node-name="fr"'`). It hosts the
+engine node(s) of that name — for standard FL the data-less server is hosted by the root
+organisation — and keeps everything private on its side: its data and sampler position, its
+AdamW moments, its server-optimizer state, its key layers, residual queues (D_a, D_r, the
+residuals gathered for its parent) and what it last received of its children's key layers
+(residual routing, A.3.7). That state lives in the SuperNode's `Context.state` (never sent to
+the SuperLink) or, with `state-dir` in the node config, in files on the node, which also survive
+a SuperNode restart. Only models and residuals leave, as the algorithm prescribes.
+
+Each handler is one per-node step of `worldlm.federation.worldlm` (the functions `run_round`
+uses), so a node does exactly what the in-process runner does for it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import Tensor
+
+from worldlm import config as C
+from worldlm.data.mixture import BatchSampler, assign_shards, eval_windows
+from worldlm.data.prepared import load_prepared
+from worldlm.errors import WorldLMError
+from worldlm.evaluate import evaluate
+from worldlm.federation.server_opt import ServerOpt, make_server_opt
+from worldlm.federation.tree import Tree
+from worldlm.federation.worldlm import (
+    NodeState,
+    Residual,
+    Update,
+    accept_from_parent,
+    aggregate_step,
+    children_attention_event,
+    parent_attention_event,
+    pick_event,
+    receive_from_parent,
+    route_event,
+    route_pending,
+    sequential_span,
+)
+from worldlm.io import atomic_write_bytes
+from worldlm.model import GPT, ParamLayout, gpt_config
+from worldlm.runners.flower import wire
+from worldlm.runners.local import Federation, LocalTrainer, _server_opt_cfg, node_seed, plan, tree_from_config
+from worldlm.train import ClientOptConfig, Schedule, TrainStats
+
+STATE_KEY = "worldlm"  # the ArrayRecord in Context.state holding this node's private state
+
+
+def check_supported(cfg: C.Config) -> None:
+    """Methods and options the Flower runner runs; the rest say so in one line."""
+    if cfg.method == "centralized":
+        raise WorldLMError(
+            "method 'centralized' pools every node's raw text in one place, which a federation never does; "
+            "run it with the in-process runner (worldlm train CONFIG) as the reference it is"
+        )
+    if C.dp_nodes(cfg):
+        raise WorldLMError(
+            "differential privacy (dp nodes) is not available on the Flower runner yet; "
+            "run DP configs with the in-process runner"
+        )
+
+
+def host_of(engine_node: str, user_tree: Tree) -> str:
+    """The tree node (SuperNode) that hosts an engine node: FL's data-less server runs at the root organisation."""
+    return engine_node if engine_node in user_tree.nodes else user_tree.root
+
+
+def config_from_text(text: str) -> C.Config:
+    """The resolved config the coordinator's run carries (C.dumps output), validated as a file would be."""
+    with tempfile.TemporaryDirectory(prefix="worldlm-cfg-") as tmp:
+        path = Path(tmp) / "config.toml"
+        path.write_text(text, encoding="utf-8")
+        return C.load_config(path)
+
+
+@dataclass
+class Hosted:
+    """One engine node on this SuperNode and its federation-side private state."""
+
+    fed: Federation
+    name: str
+    state: NodeState
+    outbox: list[Residual] = field(default_factory=list)  # residuals for the parent, over this visit's sub-rounds
+    child_keys: dict[str, Tensor] = field(default_factory=dict)  # children's key layers as last received [L, D]
+
+
+class NodeSide:
+    """Set-up of one organisation (mirrors LocalRun.__init__ for the nodes it hosts) and its message handlers."""
+
+    def __init__(
+        self,
+        cfg: C.Config,
+        name: str,
+        data_path: str | None = None,
+        out_dir: str | None = None,
+        threads: int = 0,
+    ) -> None:
+        check_supported(cfg)
+        self.cfg, self.name = cfg, name
+        self.out_dir = Path(out_dir) if out_dir else None
+        # train.threads, else the launcher's count: CPU matmuls sum in a thread-count-dependent order,
+        # and the simulation engine's actors default to one thread (set per message, see `handle`)
+        self.threads = cfg.train.threads or threads
+        self.tree = tree_from_config(cfg)
+        if name not in self.tree.nodes:
+            raise WorldLMError(f"node-name '{name}' is not a node of the config's tree ({', '.join(self.tree.order)})")
+        self.data = load_prepared(data_path or cfg.data.path)
+        train_sizes = {src: self.data.splits[src]["train"].tokens for src in self.data.sources}
+        self.spans = assign_shards(self.tree, train_sizes, cfg.data.leaf_shards, cfg.data.inner_shards)
+        torch.manual_seed(cfg.seed)  # every node builds the same initial model as the in-process runner
+        self.model = GPT(gpt_config(cfg.model.preset, self.data.vocab_size, cfg.model.seq_len))
+        key_blocks = C.key_blocks(cfg) if cfg.method in ("worldlm", "fedper") else 0
+        self.layout = ParamLayout(self.model, key_blocks)
+        self.feds = plan(cfg, self.tree, self.spans, self.layout)
+        first = self.feds[0]
+        self.per_round = sequential_span(first.tree, first.tree.root, first.opts)
+        t = cfg.train
+        total_seq = self.per_round * t.rounds
+        self.schedule = Schedule(
+            t.lr_max,
+            t.lr_alpha,
+            t.warmup_steps if t.warmup_steps >= 0 else max(1, total_seq // 10),
+            t.total_steps if t.total_steps >= 0 else total_seq,
+        )
+        self.client = ClientOptConfig(t.weight_decay, t.beta1, t.beta2, t.grad_clip)
+        self.init = self.layout.flatten(self.model)
+        self.engine: dict[str, Federation] = {
+            n: fed for fed in self.feds for n in fed.tree.order if host_of(n, self.tree) == name
+        }
+        self.users: dict[str, list[str]] = {}  # engine node -> the tree nodes it is evaluated for
+        for fed in self.feds:
+            for user, eng in fed.evaluates.items():
+                if eng in self.engine:
+                    self.users.setdefault(eng, []).append(user)
+        self.windows: dict[tuple[str, str], Tensor] = {}  # (tree node, split) -> held-out windows, on first use
+        self.last_stats: TrainStats | None = None
+        self.reset()
+
+    # ------------------------------------------------------------------ private state
+
+    def _server_opt(self, name: str) -> ServerOpt:
+        own = next((n.server_opt for n in self.cfg.tree.nodes if n.name == name and n.server_opt), None)
+        return make_server_opt(_server_opt_cfg(own or self.cfg.federation.server_opt))
+
+    def reset(self) -> None:
+        """The state before round 0 (what every node holds in the in-process runner at start)."""
+        self.trainer = LocalTrainer(self.model, self.layout, self.client, self.schedule)
+        self.trainer.on_train = self._on_train
+        self.hosted: dict[str, Hosted] = {}
+        for name, fed in self.engine.items():
+            node = fed.tree[name]
+            st = NodeState(params=self.init.clone(), server_opt=self._server_opt(name) if node.children else None)
+            h = Hosted(fed, name, st)
+            if node.children and fed.split.key_blocks:  # round 0: the children hold the initial model
+                h.child_keys = {c: fed.split.keys(self.init).clone() for c in node.children}
+            self.hosted[name] = h
+            if node.trains:
+                sampler = BatchSampler(
+                    self.data,
+                    fed.spans[name],
+                    self.cfg.model.seq_len,
+                    self.cfg.train.batch_size,
+                    node_seed(self.cfg.seed, name),
+                )
+                self.trainer.add_node(name, sampler)
+        self.groups = {name: opt.state_dict()["param_groups"] for name, opt in self.trainer.opts.items()}
+
+    def dump(self) -> bytes:
+        """All private state as one safetensors blob (tensors) with a JSON header (queues, sampler positions)."""
+        tensors: dict[str, Tensor] = {}
+        meta: dict[str, Any] = {"queues": {}, "children": {}}
+        for name, h in self.hosted.items():
+            st = h.state
+            tensors[f"{name}/params"] = st.params
+            if st.server_opt is not None:
+                tensors.update({f"{name}/server/{k}": v for k, v in st.server_opt.state_dict().items()})
+            queues = {"to_aggregate": st.to_aggregate, "to_route": st.to_route, "outbox": h.outbox}
+            for qname, queue in queues.items():
+                tensors.update({f"{name}/{qname}/{j}": r.vector for j, r in enumerate(queue)})
+                meta["queues"].setdefault(name, {})[qname] = [[r.position, r.origin] for r in queue]
+            tensors.update({f"{name}/child_keys/{c}": k for c, k in h.child_keys.items()})
+            meta["children"][name] = list(h.child_keys)
+        for name, opt in self.trainer.opts.items():
+            for idx, entry in opt.state_dict()["state"].items():
+                tensors.update({f"adam/{name}/{idx}/{k}": v for k, v in entry.items()})
+        meta["samplers"] = {name: s.state() for name, s in self.trainer.samplers.items()}
+        header = {"meta": json.dumps(meta)}
+        try:
+            return save_safetensors({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=header)
+        except RuntimeError:  # some tensors share memory (views): store copies
+            return save_safetensors({k: v.detach().clone() for k, v in tensors.items()}, metadata=header)
+
+    def load(self, blob: bytes | None) -> None:
+        """Restore the private state (or start fresh when the node has none yet)."""
+        if blob is None:
+            self.reset()
+            return
+        t = load_safetensors(blob)
+        header_len = int.from_bytes(blob[:8], "little")  # safetensors: u64 length, then a JSON header
+        meta = json.loads(json.loads(blob[8 : 8 + header_len])["__metadata__"]["meta"])
+        for name, h in self.hosted.items():
+            st = h.state
+            st.params = t[f"{name}/params"]
+            if st.server_opt is not None:
+                prefix = f"{name}/server/"
+                st.server_opt = self._server_opt(name)
+                st.server_opt.load_state_dict({k[len(prefix) :]: v for k, v in t.items() if k.startswith(prefix)})
+            queues = {
+                qname: [
+                    Residual(t[f"{name}/{qname}/{j}"], int(pos), str(origin)) for j, (pos, origin) in enumerate(items)
+                ]
+                for qname, items in meta["queues"][name].items()
+            }
+            st.to_aggregate, st.to_route, h.outbox = queues["to_aggregate"], queues["to_route"], queues["outbox"]
+            h.child_keys = {c: t[f"{name}/child_keys/{c}"] for c in meta["children"][name]}
+        for name, opt in self.trainer.opts.items():
+            states: dict[int, dict[str, Tensor]] = {}
+            prefix = f"adam/{name}/"
+            for k, v in t.items():
+                if k.startswith(prefix):
+                    idx, key = k[len(prefix) :].split("/")
+                    states.setdefault(int(idx), {})[key] = v
+            opt.load_state_dict({"state": states, "param_groups": self.groups[name]})
+        for name, sampler in self.trainer.samplers.items():
+            sampler.set_state(meta["samplers"][name])
+
+    # ------------------------------------------------------------------ handlers
+
+    def _on_train(self, node: str, start_step: int, n_steps: int, stats: TrainStats) -> None:
+        self.last_stats = stats
+
+    def hello(self) -> RecordDict:
+        lay = self.layout
+        info: dict[str, Any] = {
+            "node-name": self.name,
+            "hosts": sorted(self.engine),
+            "parameters": self.model.num_params(),
+            "backbone-size": lay.backbone_size,
+            "key-blocks": lay.key_blocks,
+            "key-size": lay.key_size,
+        }
+        return RecordDict({"hello": ConfigRecord(info)})
+
+    def _hosted(self, c: ConfigRecord) -> Hosted:
+        node = str(c["node"])
+        if node not in self.hosted:
+            raise WorldLMError(f"SuperNode '{self.name}' does not host engine node '{node}'")
+        return self.hosted[node]
+
+    def visit(self, content: RecordDict) -> RecordDict:
+        """train.visit: steps 2–3 with the parent's model (first sub-round), 4.i training, 4.ii–iii routing."""
+        c = content.config_records["cfg"]
+        h = self._hosted(c)
+        fed, tree, node = h.fed, h.fed.tree, h.name
+        split, opts = fed.split, fed.opts
+        rnd, step = int(str(c["round"])), int(str(c["step"]))
+        log: list[dict[str, Any]] = []
+        if "model" in content.array_records:
+            parent = wire.model_from_record(content.array_records["model"], h.state.params, split)
+            routed = wire.residuals_from(content, "routed")
+            weights, used = accept_from_parent(h.state, parent, routed, tree.is_leaf(node), split, opts)
+            if weights is not None:
+                log.append(parent_attention_event(rnd, node, str(c["parent"]), used, weights))
+        n_steps = opts.local_steps[node]
+        if n_steps > 0:  # 4.i: local training with ClientOpt on the global clock
+            h.state.params = self.trainer.train(node, h.state.params, step, n_steps)
+            stats = self.last_stats
+            assert stats is not None
+            log.append(
+                {
+                    "round": rnd,
+                    "stage": tree[node].level + 1,
+                    "node": node,
+                    "split": "train",
+                    "loss": stats.loss,
+                    "ppl": math.exp(min(stats.loss, 50.0)),
+                    "tokens": stats.tokens,
+                    "seconds": round(stats.seconds, 4),
+                    "tokens_per_s": round(stats.tokens / stats.seconds, 1),
+                    "step": step + n_steps,
+                }
+            )
+        reply = RecordDict()
+        children = list(tree[node].children)
+        if not children:  # a leaf's visit ends here: its update goes up
+            reply["update"] = wire.model_record(h.state.params, split, opts)
+        else:
+            known = [h.child_keys[ch] for ch in children] if h.child_keys else []  # none without shared keys
+            routes = route_pending(h.state, children, known, tree, split, opts)
+            routed_to: dict[str, list[Residual]] = {}
+            for r, target, sim in routes:
+                log.append(route_event(rnd, node, r, target, sim))
+                if target is not None:
+                    routed_to.setdefault(target, []).append(r)
+            reply["model"] = wire.model_record(h.state.params, split, opts)
+            for ch, rs in routed_to.items():
+                wire.residuals_into(reply, f"routed/{ch}", rs)
+        reply["log"] = wire.json_record(log)
+        return reply
+
+    def aggregate(self, content: RecordDict) -> RecordDict:
+        """train.aggregate: step 4.iv over the children whose updates arrived; the final one replies with the update."""
+        c = content.config_records["cfg"]
+        h = self._hosted(c)
+        fed, node = h.fed, h.name
+        split, opts = fed.split, fed.opts
+        rnd = int(str(c["round"]))
+        senders = [str(s) for s in cast(list[str], c["senders"])] if "senders" in c else []
+        updates = [
+            Update(
+                wire.model_from_record(content.array_records[f"update/{s}"], h.state.params, split),
+                wire.residuals_from(content, f"residuals/{s}"),
+            )
+            for s in senders
+        ]
+        log: list[dict[str, Any]] = []
+        is_root = node == fed.tree.root
+        if updates:
+            picked, weights, up = aggregate_step(h.state, updates, senders, is_root, split, opts)
+            if weights is not None:
+                log.append(children_attention_event(rnd, node, senders, weights))
+            log.extend(pick_event(rnd, node, r) for r in picked)
+            h.outbox.extend(up)
+            if split.key_blocks and opts.share_keys:  # what this node now knows of its children's key layers
+                for s, u in zip(senders, updates, strict=True):
+                    h.child_keys[s] = split.keys(u.params).clone()
+        reply = RecordDict({"log": wire.json_record(log)})
+        if bool(c["final"]) and not is_root:  # the end of this visit: the update and the gathered residuals go up
+            reply["update"] = wire.model_record(h.state.params, split, opts)
+            wire.residuals_into(reply, "residuals", h.outbox)
+            h.outbox = []
+        return reply
+
+    def evaluate(self, content: RecordDict) -> RecordDict:
+        """evaluate: each tree node's personalised model on its own held-out split (DESIGN §2 metric)."""
+        c = content.config_records["cfg"]
+        h = self._hosted(c)
+        split_name, final = str(c["split"]), bool(c["final"])
+        params = h.state.params
+        if "deployed" in content.array_records:  # eval.model = deployed: steps 2–3 on a copy (state unchanged)
+            parent = wire.model_from_record(content.array_records["deployed"], params, h.fed.split)
+            params, _ = receive_from_parent(params, parent, h.state.to_aggregate, h.fed.split, h.fed.opts)
+        reply = RecordDict()
+        metrics: dict[str, Any] = {}
+        for user in self.users.get(h.name, []):
+            self.layout.load(self.model, params)
+            if (user, split_name) not in self.windows:
+                n = self.cfg.eval.batches * self.cfg.eval.batch_size
+                seq = self.cfg.model.seq_len
+                self.windows[(user, split_name)] = eval_windows(self.data, self.spans[user], split_name, seq, n)
+            windows = self.windows[(user, split_name)]
+            loss, ppl = evaluate(self.model, windows, self.cfg.eval.batch_size)
+            metrics.update({f"{user}/loss": loss, f"{user}/ppl": ppl, f"{user}/tokens": float(windows[:, 1:].numel())})
+            if final and self.out_dir is not None:  # the personal model stays with its organisation
+                tensors = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+                atomic_write_bytes(self.out_dir / "final" / f"{user}.safetensors", save_safetensors(tensors))
+        reply["metrics"] = MetricRecord(metrics)
+        if str(c["mode"]) == "deployed" and h.fed.tree[h.name].children:
+            reply["deployed"] = wire.model_record(params, h.fed.split, h.fed.opts)
+        return reply
+
+
+# ---------------------------------------------------------------------- state stores and the process cache
+
+_SIDES: OrderedDict[tuple[str, str, str, str, int], NodeSide] = OrderedDict()
+
+
+def node_side(cfg_text: str, name: str, data_path: str | None, out_dir: str | None, threads: int = 0) -> NodeSide:
+    """The set-up of a node, cached per process (simulation actors and tests reuse it; state is reloaded)."""
+    key = (cfg_text, name, data_path or "", out_dir or "", threads)
+    if key not in _SIDES:
+        _SIDES[key] = NodeSide(config_from_text(cfg_text), name, data_path, out_dir, threads)
+        while len(_SIDES) > 32:
+            _SIDES.popitem(last=False)
+    _SIDES.move_to_end(key)
+    return _SIDES[key]
+
+
+class StateStore:
+    """Where a node keeps its private state between messages: Context.state, or files in `state-dir`."""
+
+    def __init__(self, context: Context, state_dir: str | None, run_key: str) -> None:
+        self.context = context
+        self.path = Path(state_dir) / f"{run_key}.safetensors" if state_dir else None
+
+    def read(self) -> bytes | None:
+        if self.path is not None:
+            return self.path.read_bytes() if self.path.is_file() else None
+        if STATE_KEY not in self.context.state.array_records:
+            return None
+        return bytes(self.context.state.array_records[STATE_KEY]["blob"].numpy().tobytes())
+
+    def write(self, blob: bytes) -> None:
+        if self.path is not None:
+            atomic_write_bytes(self.path, blob)
+            return
+        self.context.state[STATE_KEY] = ArrayRecord({"blob": Array(np.frombuffer(blob, dtype=np.uint8))})
+
+
+def handle(kind: str, content: RecordDict, context: Context, defaults: dict[str, Any]) -> RecordDict:
+    """Run one message on this SuperNode: load private state, do the step, store the state, reply."""
+    node_cfg = dict(context.node_config)
+    name = node_cfg.get("node-name")
+    if name is None and "partition-id" in node_cfg and "node-names" in defaults:  # simulation: one node per id
+        name = defaults["node-names"][int(node_cfg["partition-id"])]
+    if name is None:
+        raise WorldLMError("this SuperNode has no node-name; start it with --node-config 'node-name=\"<tree node>\"'")
+    cfg_text = str(context.run_config.get("worldlm-config") or defaults.get("worldlm-config", ""))
+    if not cfg_text:
+        raise WorldLMError("the run carries no worldlm-config; start runs with worldlm deploy-local or --run-config")
+    local = {
+        k: str(v) if (v := node_cfg.get(k, defaults.get(k))) else None for k in ("data-path", "out-dir", "state-dir")
+    }
+    threads = int(node_cfg.get("threads", defaults.get("threads", 0)))
+    side = node_side(cfg_text, str(name), local["data-path"], local["out-dir"], threads)
+    if kind == "hello":
+        return side.hello()
+    if side.threads > 0 and torch.get_num_threads() != side.threads:
+        torch.set_num_threads(side.threads)
+    t0 = time.perf_counter()
+    run_key = f"{context.run_id}-{name}"
+    store = StateStore(context, local["state-dir"], run_key)
+    side.load(store.read())
+    reply = {"visit": side.visit, "aggregate": side.aggregate, "evaluate": side.evaluate}[kind](content)
+    store.write(side.dump())
+    reply["timing"] = MetricRecord({"seconds": time.perf_counter() - t0})
+    return reply

@@ -1,0 +1,204 @@
+"""The Flower runner: ClientApp/ServerApp through Flower messages must reproduce the in-process runner.
+
+Fast tests drive the real apps over `InProcessGrid` (Flower Messages, pickled both ways). The
+simulation engine (Ray) runs once; the loopback deployment (SuperLink + 7 SuperNodes) takes
+minutes and is `slow` (run it with `pytest -m slow` or scripts/flower_smoke.sh).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+for _key, _value in {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+pytest.importorskip("flwr")
+
+from fixtures import make_prepared, tiny_config  # noqa: E402
+from worldlm import config as C  # noqa: E402
+from worldlm.cli import main  # noqa: E402
+from worldlm.errors import WorldLMError  # noqa: E402
+from worldlm.federation.worldlm import BYTES_PER_VALUE  # noqa: E402
+from worldlm.runners.flower import wire  # noqa: E402
+from worldlm.runners.flower.engines import InProcessGrid, run_inprocess  # noqa: E402
+from worldlm.runners.flower.node import NodeSide  # noqa: E402
+from worldlm.runners.local import run  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_prepared(tmp_path_factory.mktemp("data") / "d")
+
+
+def _summary(path: Path) -> dict[str, Any]:
+    summary = json.loads((path / "summary.json").read_text())
+    summary.pop("wall_seconds")
+    return dict(summary)
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def _canonical(records: list[dict[str, Any]]) -> list[str]:
+    """metrics.jsonl without wall-clock fields, order-free (nodes answer in parallel on Flower)."""
+    drop = ("seconds", "tokens_per_s")
+    return sorted(json.dumps({k: v for k, v in r.items() if k not in drop}, sort_keys=True) for r in records)
+
+
+@pytest.fixture(scope="module")
+def local_worldlm(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("local")
+    out = tmp / "run"
+    assert main(["train", str(tiny_config(tmp, data, "worldlm")), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_inprocess_messages_equal_local_runner_bitwise(data: Path, local_worldlm: Path, tmp_path: Path) -> None:
+    # prepare: the same config through `worldlm train --runner flower-inproc`
+    out = tmp_path / "flower"
+    cfg = tiny_config(tmp_path, data, "worldlm")
+    # execute
+    assert main(["train", str(cfg), "--runner", "flower-inproc", "--out", str(out), "--quiet"]) == 0
+    # assert: same summary (bitwise: same ops, same order, same threads), same records, same final models
+    assert _summary(out) == _summary(local_worldlm)
+    assert _canonical(_records(out)) == _canonical(_records(local_worldlm))
+    assert (out / "config.toml").read_text() == (local_worldlm / "config.toml").read_text()
+    for model in sorted((local_worldlm / "checkpoints" / "final").glob("*.safetensors")):
+        assert (out / "checkpoints" / "final" / model.name).read_bytes() == model.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("method", "sets"),
+    [
+        ("fl", ["train.rounds=1"]),  # the data-less FL server is hosted by the root organisation
+        ("fedper", ["eval.model=deployed", "train.rounds=1"]),  # keys stay home; deployed models go top-down
+        ("worldlm", ["federation.sub_rounds=2", "train.rounds=1", "federation.route_to_origin=true"]),
+    ],
+)
+def test_other_methods_and_options_equal_local_runner(data: Path, tmp_path: Path, method: str, sets: list[str]) -> None:
+    cfg = C.load_config(tiny_config(tmp_path, data, method), sets)
+    run(cfg, tmp_path / "local")
+    run_inprocess(cfg, tmp_path / "flower")
+    assert _summary(tmp_path / "flower") == _summary(tmp_path / "local")
+
+
+def test_bytes_per_edge_are_the_message_payloads(data: Path, local_worldlm: Path, tmp_path: Path) -> None:
+    grids: list[InProcessGrid] = []
+    cfg = C.load_config(tiny_config(tmp_path, data, "worldlm"))
+    summary = run_inprocess(cfg, tmp_path / "flower", grid_hook=grids.append)
+    delivered = grids[0].delivered
+    # every parent -> child model message: parameters in the message = bytes on that edge
+    down: dict[str, int] = {}
+    for msg in delivered:
+        c = msg.content.config_records["cfg"]
+        if msg.metadata.message_type == "train.visit" and "model" in msg.content.array_records:
+            key = f"{c['parent']}->{c['node']}"
+            nbytes = wire.value_bytes(msg.content.array_records["model"])
+            down[key] = down.get(key, 0) + nbytes + wire.value_bytes(msg.content.array_records.get("routed"))
+    # every child -> parent update, as forwarded to the parent in train.aggregate
+    up: dict[str, int] = {}
+    for msg in delivered:
+        c = msg.content.config_records["cfg"]
+        if msg.metadata.message_type == "train.aggregate":
+            for child in c.get("senders", []):  # type: ignore[union-attr]
+                key = f"{child}->{c['node']}"
+                nbytes = wire.value_bytes(msg.content.array_records[f"update/{child}"])
+                up[key] = (
+                    up.get(key, 0) + nbytes + wire.value_bytes(msg.content.array_records.get(f"residuals/{child}"))
+                )
+    assert {**down, **up} == summary["bytes_per_edge"] == _summary(local_worldlm)["bytes_per_edge"]
+    # and the formula: backbone + key layers, all float32, per round (2 rounds; residuals only ride on some)
+    params = int(summary["parameters"])
+    assert summary["bytes_per_edge"]["it->fr-it"] == 2 * params * BYTES_PER_VALUE  # a leaf sends no residuals
+
+
+def test_silent_node_is_left_out_and_a_restarted_node_rejoins(data: Path, tmp_path: Path) -> None:
+    # prepare: 3 rounds; at the first message of round 1 SuperNode 'fr' is replaced by a new one
+    # (new node id, empty state): round 1's messages to the old one are lost, round 2 finds the new one
+    cfg = C.load_config(tiny_config(tmp_path, data, "worldlm"), ["train.rounds=3"])
+    grids: list[InProcessGrid] = []
+    restarted: list[int] = []
+
+    def drop(msg: Any) -> bool:
+        if msg.metadata.group_id == "1" and not restarted:
+            restarted.append(grids[0].restart("fr"))
+        return False
+
+    # execute
+    summary = run_inprocess(cfg, tmp_path / "flower", timeout=0.5, drop=drop, grid_hook=grids.append)
+    # assert
+    records = _records(tmp_path / "flower")
+    left = [r for r in records if r.get("event") == "left_out"]
+    assert sorted((r["round"], r["node"], r["message"]) for r in left) == [
+        (1, "fr", "evaluate"),
+        (1, "fr", "train.visit"),
+    ]
+    assert {"event": "rejoined", "round": 2, "node": "fr"} in records
+    children = {(r["round"], r["node"]): r["members"] for r in records if r.get("kind") == "children"}
+    assert children[(1, "fr-it")] == ["fr-it", "it"]  # aggregated without the silent leaf
+    assert children[(2, "fr-it")] == ["fr-it", "fr", "it"]  # and with it again
+    trained = {(r["round"], r["node"]) for r in records if r.get("split") == "train"}
+    assert (1, "fr") not in trained and (2, "fr") in trained
+    assert set(summary["nodes"]) == set(cfg_nodes(cfg)) and "missing_nodes" not in summary
+
+
+def cfg_nodes(cfg: C.Config) -> list[str]:
+    return [n.name for n in cfg.tree.nodes]
+
+
+def test_node_private_state_round_trips(data: Path, tmp_path: Path) -> None:
+    # prepare: a region after training (AdamW moments, sampler position, server optimizer state)
+    cfg = C.load_config(tiny_config(tmp_path, data, "worldlm"), ["federation.server_opt.kind=fedavgm"])
+    side = NodeSide(cfg, "fr-it")
+    side.hosted["fr-it"].state.params = side.trainer.train("fr-it", side.hosted["fr-it"].state.params, 0, 2)
+    blob = side.dump()
+    # execute: a fresh process would start from this blob
+    other = NodeSide(cfg, "fr-it")
+    other.load(blob)
+    # assert
+    assert other.dump() == blob
+    assert other.trainer.samplers["fr-it"].state() == side.trainer.samplers["fr-it"].state()
+
+
+@pytest.mark.parametrize(
+    ("method", "sets", "message"),
+    [("centralized", [], "pools"), ("worldlm", ["dp.nodes=['fr']"], "differential privacy")],
+)
+def test_unsupported_configs_fail_in_one_line(
+    data: Path, tmp_path: Path, method: str, sets: list[str], message: str
+) -> None:
+    cfg = C.load_config(tiny_config(tmp_path, data, method), sets)
+    with pytest.raises(WorldLMError, match=message):
+        run_inprocess(cfg, tmp_path / "flower")
+
+
+def test_simulation_engine_equals_local_runner(data: Path, local_worldlm: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    out = tmp_path / "sim"
+    cfg = tiny_config(tmp_path, data, "worldlm")
+    assert main(["train", str(cfg), "--runner", "flower-sim", "--out", str(out), "--quiet"]) == 0
+    assert _summary(out) == _summary(local_worldlm)
+
+
+@pytest.mark.slow
+def test_deploy_local_equals_local_runner_and_stops_its_processes(
+    data: Path, local_worldlm: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if "slow" not in str(request.config.getoption("markexpr") or ""):
+        pytest.skip("a loopback deployment takes minutes: pytest -m slow, or scripts/flower_smoke.sh")
+    out = tmp_path / "deploy"
+    cfg = tiny_config(tmp_path, data, "worldlm")
+    assert main(["deploy-local", str(cfg), "--out", str(out), "--quiet"]) == 0
+    assert _summary(out) == _summary(local_worldlm)
+    pids = json.loads((out / "flower" / "pids.json").read_text())
+    assert pids == {}  # everything deploy-local started is gone
