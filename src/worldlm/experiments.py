@@ -272,12 +272,17 @@ def _run_one(spec: RunSpec, quiet: bool) -> None:
 
 
 def _run_grid(specs: Sequence[RunSpec], quiet: bool) -> tuple[int, int, list[str]]:
-    """Run every incomplete cell; a WorldLMError fails that run only. Returns (ran, skipped, failures)."""
+    """Run every incomplete cell; a WorldLMError fails that run only. Returns (ran, skipped, failures).
+
+    Seed by seed (every variant and method of the first seed, then the next), so an experiment cut
+    short still has complete columns to compare.
+    """
     from worldlm.report import console
     from worldlm.runners.local import Interrupted
 
+    seeds = list(dict.fromkeys(s.seed for s in specs))
     ran, skipped, failures = 0, 0, []
-    for k, spec in enumerate(specs, 1):
+    for k, spec in enumerate(sorted(specs, key=lambda s: seeds.index(s.seed)), 1):
         if is_complete(spec):
             skipped += 1
             continue
