@@ -221,3 +221,28 @@ def test_cli_reports_a_bad_experiment_in_one_line_with_exit_code_2(
     assert "\n" not in err and "unknown config key 'train.rouns' (did you mean 'rounds'?)" in err
     assert main(["experiment", str(tmp_path / "nope.toml"), "--quiet"]) == 2
     assert not (tmp_path / "r").exists()
+
+
+def test_dp_grid_runs_seed_by_seed_and_reports_epsilon(
+    micro: Micro, runner_calls: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # prepare: DP on leaf fr, two methods × two seeds; the report is then rewritten with --report-only
+    experiment = micro.experiment.parent / "dp.toml"
+    text = MICRO.replace('name = "micro"', 'name = "dp"').replace('"centralized"', '"fl"').replace("[0]", "[0, 1]")
+    variant = '[variants.dp]\nset = ["dp.nodes=[\'fr\']", "train.rounds=1"]\n'
+    experiment.write_text(text.split("[variants")[0] + variant)
+    # execute
+    assert main(["experiment", str(experiment), "--out-root", str(micro.out_root), "--quiet"]) == 0
+    report_md = micro.out_root / "dp" / "report.md"
+    report_md.unlink()
+    monkeypatch.setattr(local, "run", failing_for("worldlm", local.run))  # --report-only must train nothing
+    assert main(["experiment", str(experiment), "--out-root", str(micro.out_root), "--quiet", "--report-only"]) == 0
+    # assert: every method of seed 0 before seed 1; ε of fr per method, as the runs' summaries say
+    assert runner_calls == [f"dp-dp-{m}-seed{s}" for s in (0, 1) for m in ("worldlm", "fl")]
+    report = json.loads((micro.out_root / "dp" / "report.json").read_text())
+    for method in ("worldlm", "fl"):
+        privacy = report["variants"]["dp"]["methods"][method]["privacy"]
+        runs = [micro.out_root / "dp" / "runs" / "dp" / method / f"seed{s}" / "summary.json" for s in (0, 1)]
+        epsilons = [json.loads(p.read_text())["privacy"]["epsilon"]["fr"] for p in runs]
+        assert privacy["epsilon"] == {"fr": pytest.approx(sum(epsilons) / 2)} and epsilons[0] > 0
+        assert f"- {method}: fr ε = {privacy['epsilon']['fr']:.1f} (δ = {privacy['delta']:g}" in report_md.read_text()

@@ -170,7 +170,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _experiment(args: argparse.Namespace) -> int:
     from worldlm.experiments import run_experiment
 
-    run_experiment(args.config, Path(args.out_root), args.set, quiet=args.quiet)
+    run_experiment(args.config, Path(args.out_root), args.set, quiet=args.quiet, report_only=args.report_only)
     return 0
 
 
@@ -278,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("experiment", help="run a grid of methods × seeds × variants; writes results/<name>/report.md")
     common(p)
     p.add_argument("--out-root", default="results", help="parent of the experiment directory (default: results)")
+    p.add_argument(
+        "--report-only", action="store_true", help="train nothing; rewrite the report from the runs complete so far"
+    )
     p.set_defaults(func=_experiment)
 
     p = sub.add_parser("bench", help="measure training throughput (precision, threads); writes bench/results.*")

@@ -75,6 +75,21 @@ def method_stats(runs: list[RunData]) -> dict[str, Any]:
         "sequential_steps": int(runs[0].summary["sequential_steps"]),
         "wall_seconds_mean": float(np.mean([r.summary["wall_seconds"] for r in runs])),
         "nodes": {n: float(np.mean([r.summary["nodes"][n]["ppl"] for r in runs])) for n in nodes},
+        "privacy": privacy_stats(runs),
+    }
+
+
+def privacy_stats(runs: list[RunData]) -> dict[str, Any] | None:
+    """DP runs: ε per DP node at δ (mean over seeds) and the nodes that hit dp.epsilon_budget; else None."""
+    private = [r.summary["privacy"] for r in runs if "privacy" in r.summary]
+    if not private:
+        return None
+    nodes = list(private[0]["epsilon"])
+    return {
+        "delta": private[0]["delta"],
+        "sigma": private[0]["sigma"],
+        "epsilon": {n: float(np.mean([p["epsilon"][n] for p in private])) for n in nodes},
+        "stopped": sorted({n for p in private for n in p["stopped"]}),
     }
 
 
@@ -265,6 +280,7 @@ def _variant_md(name: str, v: dict[str, Any], n_seeds: int) -> list[str]:
             f"| {m} | **{_ppl(s['mean_ppl'])}** | {_ppl(s['std_over_nodes'])} | {_ppl(s['std_over_seeds'])} | "
             f"{ratio} | {len(s['seeds'])}/{n_seeds} | {s['sequential_steps']} | {s['wall_seconds_mean']:.0f} |"
         )
+    lines += _privacy_md(stats)
     nodes = list(dict.fromkeys(n for s in stats.values() for n in s["nodes"]))
     lines += [
         "",
@@ -287,6 +303,21 @@ def _variant_md(name: str, v: dict[str, Any], n_seeds: int) -> list[str]:
     for kind, path in v["plots"].items():
         lines += ["", f"![{captions[kind]}]({path})"]
     return [*lines, ""]
+
+
+def _privacy_md(stats: dict[str, dict[str, Any]]) -> list[str]:
+    """Privacy spent by each method's DP nodes (dp-accounting RDP; summary.json "privacy")."""
+    lines = []
+    for m, s in stats.items():
+        p = s.get("privacy")
+        if p is None:
+            continue
+        spent = ", ".join(f"{n} ε = {eps:.1f}" for n, eps in p["epsilon"].items())
+        stopped = f"; stopped at the budget: {', '.join(p['stopped'])}" if p["stopped"] else ""
+        lines.append(f"- {m}: {spent} (δ = {p['delta']:g}, σ = {p['sigma']:g}{stopped})")
+    if not lines:
+        return []
+    return ["", "Privacy spent per DP node (mean over seeds; RDP accountant of dp-accounting):", "", *lines]
 
 
 def _runs_md(report: dict[str, Any]) -> list[str]:

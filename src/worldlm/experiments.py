@@ -304,8 +304,12 @@ def run_experiment(
     out_root: Path = Path("results"),
     overrides: Sequence[str] = (),
     quiet: bool = False,
+    report_only: bool = False,
 ) -> ExperimentResult:
-    """Run the grid (skipping complete runs), then write report.md/report.json and the plots."""
+    """Run the grid (skipping complete runs), then write report.md/report.json and the plots.
+
+    `report_only`: train nothing, only (re)write the report from the runs complete so far.
+    """
     from worldlm.experiment_report import write_report
     from worldlm.report import console
     from worldlm.runners.local import Interrupted
@@ -315,6 +319,11 @@ def run_experiment(
     specs = plan_runs(exp, out_dir, overrides)
     check_data(specs)
     command = command_line(Path(path), out_root, overrides)
+    if report_only:
+        report = write_report(exp, specs, out_dir, command)
+        if not quiet:
+            console.print(f"report of {sum(map(is_complete, specs))} complete runs of {len(specs)}: {report}")
+        return ExperimentResult(report, 0, len(specs))
     try:
         ran, skipped, failures = _run_grid(specs, quiet)
     except Interrupted as exc:  # the runner stopped at a round boundary: keep what is complete
