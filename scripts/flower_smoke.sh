@@ -32,17 +32,7 @@ fi
 # shellcheck disable=SC2086
 run() { local t0=$SECONDS; "${WORLDLM[@]}" "$@" --quiet $SETS; echo "  $1 ${*: -1}: $((SECONDS - t0)) s"; }
 
-same() {  # summary.json equal apart from wall-clock seconds
-  "$PY" - "$1" "$2" <<'EOF'
-import json, sys
-a, b = (json.load(open(f"{p}/summary.json")) for p in sys.argv[1:])
-for s in (a, b):
-    s.pop("wall_seconds")
-diff = [k for k in a if a[k] != b.get(k)]
-print(f"  {sys.argv[2]}: " + ("summary.json identical to the in-process runner" if not diff else f"DIFFERS in {diff}"))
-sys.exit(1 if diff else 0)
-EOF
-}
+same() { "$PY" scripts/flower_equal.py "$2" "$1" | sed 's/^/  /'; }  # summaries, models, metrics
 
 echo "1. in-process runner, simulation engine, loopback deployment ($CONFIG)"
 run train "$CONFIG" --out "$OUT/local"
