@@ -6,9 +6,9 @@ import argparse
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from worldlm.errors import WorldLMError
 
@@ -59,7 +59,7 @@ def _out_dir(path: str | None, name: str, force: bool) -> Path:
 
 def _train(args: argparse.Namespace) -> int:
     from worldlm import config as C
-    from worldlm.report import console, print_summary, progress_display
+    from worldlm.report import console
     from worldlm.runners.local import run
 
     cfg = C.load_config(args.config, args.set)
@@ -74,17 +74,27 @@ def _train(args: argparse.Namespace) -> int:
             raise WorldLMError(f"cannot resume: run directory {out} does not exist; drop --resume to start it")
     else:
         out = _out_dir(args.out, cfg.name, args.force)
+    return _show_run(args, out, "", lambda progress: run(cfg, out, progress, resume=args.resume, warn=_warn))
+
+
+def _warn(message: str) -> None:
+    print(f"worldlm: {message}", file=sys.stderr)
+
+
+def _show_run(args: argparse.Namespace, out: Path, engine: str, fn: Callable[[Any], dict[str, Any]]) -> int:
+    """Run `fn(progress)` under the progress display, then print its summary (every runner)."""
+    from worldlm.report import console, print_summary, progress_display
+
     with progress_display(quiet=args.quiet) as progress:
-        summary = run(cfg, out, progress, resume=args.resume, warn=lambda m: print(f"worldlm: {m}", file=sys.stderr))
+        summary = fn(progress)
     if not args.quiet:
         print_summary(summary)
-        console.print(f"run directory: {out}")
+        console.print(f"run directory: {out}" + (f" ({engine})" if engine else ""))
     return 0
 
 
 def _train_flower(args: argparse.Namespace, cfg: Config) -> int:
     """`train --runner flower-sim|flower-inproc`: the same run through the Flower apps (runners/flower)."""
-    from worldlm.report import console, print_summary, progress_display
     from worldlm.runners.flower import require_flower
 
     if args.resume:
@@ -94,17 +104,11 @@ def _train_flower(args: argparse.Namespace, cfg: Config) -> int:
 
     out = _out_dir(args.out, cfg.name, args.force)
     engine = run_simulation_engine if args.runner == "flower-sim" else run_inprocess
-    with progress_display(quiet=args.quiet) as progress:
-        summary = engine(cfg, out, progress, timeout=args.node_timeout)
-    if not args.quiet:
-        print_summary(summary)
-        console.print(f"run directory: {out} ({args.runner})")
-    return 0
+    return _show_run(args, out, args.runner, lambda progress: engine(cfg, out, progress, timeout=args.node_timeout))
 
 
 def _deploy_local(args: argparse.Namespace) -> int:
     from worldlm import config as C
-    from worldlm.report import console, print_summary, progress_display
     from worldlm.runners.flower import require_flower
 
     cfg = C.load_config(args.config, args.set)
@@ -112,20 +116,15 @@ def _deploy_local(args: argparse.Namespace) -> int:
     from worldlm.runners.flower.deploy import deploy_local
 
     out = _out_dir(args.out, cfg.name, args.force)
-    with progress_display(quiet=args.quiet) as progress:
-        summary = deploy_local(
-            cfg,
-            out,
-            progress,
-            timeout=args.node_timeout,
-            connect_timeout=args.connect_timeout,
-            restart_dead=args.restart_dead,
-            keep_state=args.keep_state,
-        )
-    if not args.quiet:
-        print_summary(summary)
-        console.print(f"run directory: {out} (Flower deployment engine)")
-    return 0
+    options = {
+        "timeout": args.node_timeout,
+        "connect_timeout": args.connect_timeout,
+        "restart_dead": args.restart_dead,
+        "keep_state": args.keep_state,
+    }
+    return _show_run(
+        args, out, "Flower deployment engine", lambda progress: deploy_local(cfg, out, progress, **options)
+    )
 
 
 def _flower_app(args: argparse.Namespace) -> int:
@@ -178,13 +177,15 @@ def _bench(args: argparse.Namespace) -> int:
     from worldlm.bench import run_bench
     from worldlm.report import console
 
-    result = run_bench(Path(args.out), preset=args.preset, steps=args.steps)
+    def say(msg: str) -> None:
+        if not args.quiet:
+            console.print(f"[dim]bench[/] {msg}")
+
+    out = Path(args.out)
+    run_bench(out, quick=args.quick, preset=args.preset, steps=args.steps, note=args.note, say=say)
     if not args.quiet:
-        for row in result["training_loop"]:
-            console.print(
-                f"{row['preset']} threads={row['threads']} {row['precision']}: {row['tokens_per_s']:,.0f} tok/s"
-            )
-        console.print(f"results: {Path(args.out) / 'results.json'}")
+        print((out / "results.md").read_text(encoding="utf-8"))
+        console.print(f"results: {out / 'results.json'}, {out / 'results.md'}")
     return 0
 
 
@@ -283,10 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_experiment)
 
-    p = sub.add_parser("bench", help="measure training throughput (precision, threads); writes bench/results.*")
+    p = sub.add_parser(
+        "bench",
+        help="measure training efficiency, federation overhead, aggregation cost and memory; writes bench/results.*",
+    )
     p.add_argument("--out", default="bench", help="output directory (default: bench)")
-    p.add_argument("--preset", default="nano", help="model preset (default: nano)")
-    p.add_argument("--steps", type=int, default=20, help="timed fp32 steps per setting (default: 20)")
+    p.add_argument("--quick", action="store_true", help="a seconds-long run at toy sizes (checks, not numbers)")
+    p.add_argument("--preset", help="model preset of the training-efficiency rows (default: nano)")
+    p.add_argument("--steps", type=int, help="timed steps per training setting (default: 20; --quick: 2)")
+    p.add_argument("--note", default="", help="a remark recorded with the results, e.g. 'machine busy'")
     p.add_argument("--quiet", action="store_true", help="no output")
     p.set_defaults(func=_bench)
     return parser
