@@ -29,7 +29,8 @@ from worldlm.cli import main  # noqa: E402
 from worldlm.errors import WorldLMError  # noqa: E402
 from worldlm.federation.worldlm import BYTES_PER_VALUE  # noqa: E402
 from worldlm.runners.flower import wire  # noqa: E402
-from worldlm.runners.flower.engines import InProcessGrid, run_inprocess  # noqa: E402
+from worldlm.runners.flower.coordinator import Directory  # noqa: E402
+from worldlm.runners.flower.engines import InProcessGrid, make_client_app, run_inprocess  # noqa: E402
 from worldlm.runners.flower.node import NodeSide  # noqa: E402
 from worldlm.runners.local import run  # noqa: E402
 
@@ -150,6 +151,28 @@ def test_silent_node_is_left_out_and_a_restarted_node_rejoins(data: Path, tmp_pa
     trained = {(r["round"], r["node"]) for r in records if r.get("split") == "train"}
     assert (1, "fr") not in trained and (2, "fr") in trained
     assert set(summary["nodes"]) == set(cfg_nodes(cfg)) and "missing_nodes" not in summary
+
+
+def test_a_slow_supernode_is_greeted_until_it_answers(data: Path, tmp_path: Path) -> None:
+    # prepare: 'fr' lets its first five hellos expire (a SuperNode still starting its ClientApp)
+    cfg = C.load_config(tiny_config(tmp_path, data, "worldlm"))
+    names = cfg_nodes(cfg)
+    lost: list[str] = []
+
+    def slow_fr(msg: Any) -> bool:
+        if msg.metadata.dst_node_id == grid.names["fr"] and len(lost) < 5:
+            lost.append(msg.metadata.message_type)
+            return True
+        return False
+
+    grid = InProcessGrid(
+        make_client_app({"worldlm-config": C.dumps(cfg)}), [{"node-name": n} for n in names], drop=slow_fr
+    )
+    directory = Directory(grid, ttl=0.05, log=lambda _m: None, poll=0.01)
+    # execute
+    directory.wait_for(names, connect_timeout=30.0)
+    # assert: greeted again after each expiry, never given up on
+    assert lost == ["query.hello"] * 5 and set(directory.ids) == set(names) and not directory.pending
 
 
 def cfg_nodes(cfg: C.Config) -> list[str]:

@@ -175,30 +175,40 @@ class Dispatcher:
 
 
 class Directory:
-    """Tree node name -> SuperNode id, from the names nodes report (`query.hello`); refreshed every round."""
+    """Tree node name -> SuperNode id, from the names nodes report (`query.hello`); refreshed every round.
 
-    def __init__(self, grid: Grid, timeout: float, log: LogFn) -> None:
-        self.grid, self.timeout, self.log = grid, timeout, log
+    Every SuperNode not yet known is greeted once, with a message that lives `ttl` seconds (a
+    SuperNode may take long to start its ClientApp: Ray actors, a loaded machine); it is greeted
+    again only after that message expired unanswered, and never again after it refused.
+    """
+
+    def __init__(self, grid: Grid, ttl: float, log: LogFn, poll: float = 0.2) -> None:
+        self.grid, self.ttl, self.log, self.poll = grid, ttl, log, poll
         self.ids: dict[str, int] = {}
         self.info: dict[str, dict[str, Any]] = {}
-        self.asked: dict[int, int] = {}  # node id -> hellos sent without an answer
+        self.pending: dict[str, tuple[int, float]] = {}  # hello message id -> (SuperNode id, expiry)
+        self.refused: set[int] = set()  # SuperNodes that answered with an error
         self.retired: set[int] = set()  # ids of SuperNodes that were replaced by a restarted one
 
-    def refresh(self, wait: float) -> list[str]:
-        """Greet SuperNodes not yet known; returns tree nodes that (re)joined."""
-        known = set(self.ids.values()) | self.retired
-        new = [i for i in self.grid.get_node_ids() if i not in known and self.asked.get(i, 0) < 3]
-        if not new:
-            return []
-        for i in new:
-            self.asked[i] = self.asked.get(i, 0) + 1
-        msgs = [Message(RecordDict({"cfg": ConfigRecord({})}), i, "query.hello", ttl=max(wait, 10.0)) for i in new]
+    def _greet_new(self) -> None:
+        asked = {node for node, _ in self.pending.values()}
+        known = set(self.ids.values()) | self.retired | self.refused | asked
+        new = [i for i in self.grid.get_node_ids() if i not in known]
+        msgs = [Message(RecordDict({"cfg": ConfigRecord({})}), i, "query.hello", ttl=self.ttl) for i in new]
+        expiry = time.monotonic() + self.ttl
+        for node, mid in zip(new, self.grid.push_messages(msgs) if msgs else [], strict=True):
+            if mid:
+                self.pending[mid] = (node, expiry)
+
+    def _collect(self) -> list[str]:
         joined = []
-        for reply in self.grid.send_and_receive(msgs, timeout=wait):
+        for reply in self.grid.pull_messages(list(self.pending)):
+            if self.pending.pop(reply.metadata.reply_to_message_id, None) is None:
+                continue
             src = reply.metadata.src_node_id
             if reply.has_error():
                 self.log(f"SuperNode {src} cannot take part: {reply.error.reason}")
-                self.asked[src] = 3
+                self.refused.add(src)
                 continue
             info = dict(reply.content.config_records["hello"])
             name = str(info["node-name"])
@@ -207,14 +217,26 @@ class Directory:
                 self.retired.add(self.ids[name])
             self.ids[name] = src
             self.info[name] = info
-            self.asked.pop(src, None)
             joined.append(name)
+        now = time.monotonic()
+        for mid in [m for m, (_, expiry) in self.pending.items() if now > expiry]:
+            del self.pending[mid]  # expired unanswered: greeted again at the next refresh
+        return joined
+
+    def refresh(self, wait: float) -> list[str]:
+        """Greet SuperNodes not yet known, collect answers for up to `wait` s; returns tree nodes that (re)joined."""
+        self._greet_new()
+        deadline = time.monotonic() + wait
+        joined = self._collect()
+        while self.pending and time.monotonic() < deadline:
+            time.sleep(self.poll)
+            joined += self._collect()
         return joined
 
     def wait_for(self, names: list[str], connect_timeout: float) -> None:
         deadline = time.monotonic() + connect_timeout
         while True:
-            self.refresh(wait=min(30.0, max(1.0, deadline - time.monotonic())))
+            self.refresh(wait=1.0)
             missing = [n for n in names if n not in self.ids]
             if not missing:
                 return
@@ -223,7 +245,6 @@ class Directory:
                     f"tree node(s) {', '.join(missing)} did not connect within {connect_timeout:g} s; start a "
                     "SuperNode for each with --node-config 'node-name=\"<name>\"'"
                 )
-            time.sleep(0.5)
 
 
 @dataclass(frozen=True)
@@ -272,7 +293,7 @@ class Coordinator:
         self.progress = progress or (lambda _e: None)
         self.log = log
         self.tree = tree_from_config(cfg)
-        self.directory = Directory(grid, min(timeout, 60.0), log)
+        self.directory = Directory(grid, connect_timeout, log)
         self.dispatcher = Dispatcher(grid, self._resolve, timeout, self._missing)
         self.edge_bytes: dict[str, int] = {}
         self.metrics: JsonlWriter | None = None
