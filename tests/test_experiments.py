@@ -246,3 +246,17 @@ def test_dp_grid_runs_seed_by_seed_and_reports_epsilon(
         epsilons = [json.loads(p.read_text())["privacy"]["epsilon"]["fr"] for p in runs]
         assert privacy["epsilon"] == {"fr": pytest.approx(sum(epsilons) / 2)} and epsilons[0] > 0
         assert f"- {method}: fr ε = {privacy['epsilon']['fr']:.1f} (δ = {privacy['delta']:g}" in report_md.read_text()
+
+
+def test_variants_and_seeds_select_what_trains(micro: Micro, runner_calls: list[str]) -> None:
+    assert rerun(micro) == 0  # complete whatever other tests left incomplete
+    runner_calls.clear()
+    for run_dir in micro.dir.glob("runs/*/worldlm/seed0"):
+        (run_dir / "summary.json").unlink()
+    assert rerun(micro, "--variants", "no-residuals", "--seeds", "0") == 0
+    assert runner_calls == ["micro-no-residuals-worldlm-seed0"]
+    report = json.loads((micro.dir / "report.json").read_text())
+    assert report["missing"] == ["default/worldlm/seed0"]  # the report still covers the whole grid
+    assert rerun(micro, "--variants", "nope") == 2 and rerun(micro, "--seeds", "7") == 2
+    assert rerun(micro, "--seeds", "x") == 2
+    assert rerun(micro) == 0 and runner_calls[-1] == "micro-default-worldlm-seed0"

@@ -167,9 +167,23 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _experiment(args: argparse.Namespace) -> int:
+    from worldlm.config import ConfigError
     from worldlm.experiments import run_experiment
 
-    run_experiment(args.config, Path(args.out_root), args.set, quiet=args.quiet, report_only=args.report_only)
+    variants = [v for v in (args.variants or "").split(",") if v]
+    try:
+        seeds = [int(k) for k in (args.seeds or "").split(",") if k]
+    except ValueError as exc:
+        raise ConfigError(f"--seeds takes comma-separated integers, e.g. --seeds 0,1 (got '{args.seeds}')") from exc
+    run_experiment(
+        args.config,
+        Path(args.out_root),
+        args.set,
+        quiet=args.quiet,
+        report_only=args.report_only,
+        variants=variants,
+        seeds=seeds,
+    )
     return 0
 
 
@@ -282,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--report-only", action="store_true", help="train nothing; rewrite the report from the runs complete so far"
     )
+    p.add_argument("--variants", metavar="A,B", help="train only these variants (the report covers every run)")
+    p.add_argument("--seeds", metavar="0,1", help="train only these seeds (the report covers every run)")
     p.set_defaults(func=_experiment)
 
     p = sub.add_parser(

@@ -233,6 +233,18 @@ def plan_runs(exp: Experiment, out_dir: Path, overrides: Sequence[str] = ()) -> 
     return specs
 
 
+def select_runs(exp: Experiment, specs: list[RunSpec], variants: Sequence[str], seeds: Sequence[int]) -> list[RunSpec]:
+    """The cells of these variants and seeds (all when empty); unknown names are a one-line ConfigError."""
+    if unknown := [v for v in variants if v not in exp.variants]:
+        raise ConfigError(f"{exp.path}: no variant {', '.join(unknown)}; variants: {', '.join(exp.variants)}")
+    if unknown_seeds := [str(k) for k in seeds if k not in exp.seeds]:
+        raise ConfigError(
+            f"{exp.path}: seed {', '.join(unknown_seeds)} is not in the experiment's seeds "
+            f"({', '.join(map(str, exp.seeds))})"
+        )
+    return [s for s in specs if (not variants or s.variant in variants) and (not seeds or s.seed in seeds)]
+
+
 def is_complete(spec: RunSpec) -> bool:
     """Done iff summary.json exists and config.toml is exactly this run's resolved config."""
     config = spec.dir / "config.toml"
@@ -305,10 +317,14 @@ def run_experiment(
     overrides: Sequence[str] = (),
     quiet: bool = False,
     report_only: bool = False,
+    variants: Sequence[str] = (),
+    seeds: Sequence[int] = (),
 ) -> ExperimentResult:
     """Run the grid (skipping complete runs), then write report.md/report.json and the plots.
 
     `report_only`: train nothing, only (re)write the report from the runs complete so far.
+    `variants` / `seeds`: train only those cells (a long experiment in parts); the report still
+    covers every complete run of the whole grid and lists the missing ones.
     """
     from worldlm.experiment_report import write_report
     from worldlm.report import console
@@ -325,7 +341,7 @@ def run_experiment(
             console.print(f"report of {sum(map(is_complete, specs))} complete runs of {len(specs)}: {report}")
         return ExperimentResult(report, 0, len(specs))
     try:
-        ran, skipped, failures = _run_grid(specs, quiet)
+        ran, skipped, failures = _run_grid(select_runs(exp, specs, variants, seeds), quiet)
     except Interrupted as exc:  # the runner stopped at a round boundary: keep what is complete
         write_report(exp, specs, out_dir, command)
         raise Interrupted(f"experiment stopped; run `{command}` again to continue (complete runs are kept)") from exc
