@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -260,3 +261,10 @@ def test_variants_and_seeds_select_what_trains(micro: Micro, runner_calls: list[
     assert rerun(micro, "--variants", "nope") == 2 and rerun(micro, "--seeds", "7") == 2
     assert rerun(micro, "--seeds", "x") == 2
     assert rerun(micro) == 0 and runner_calls[-1] == "micro-default-worldlm-seed0"
+
+
+def test_a_diverged_run_reads_diverged_not_a_huge_number() -> None:
+    from worldlm.experiment_report import _mean_std, _ratio
+
+    assert _mean_std(math.exp(50.0), 0.0) == _mean_std(math.nan, math.nan) == "diverged"
+    assert _mean_std(562.0, 74.9) == "562.00 ± 74.90" and _ratio(1.25) == "1.25×" and _ratio(math.nan) == "–"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,8 +230,19 @@ def overview_plot(report: dict[str, Any], runs: dict[tuple[str, str], list[RunDa
 # ---------------------------------------------------------------------------- markdown
 
 
+DIVERGED = 1e9  # perplexities this large (evaluate caps the loss at 50: e^50 ≈ 5e21) or NaN mean a diverged model
+
+
 def _ppl(x: float) -> str:
-    return f"{x:.2f}"
+    return f"{x:.2f}" if math.isfinite(x) and x < DIVERGED else "diverged"
+
+
+def _mean_std(mean: float, std: float) -> str:
+    return f"{_ppl(mean)} ± {_ppl(std)}" if _ppl(mean) != "diverged" else "diverged"
+
+
+def _ratio(x: float) -> str:
+    return f"{x:.2f}×" if math.isfinite(x) and x < DIVERGED else "–"
 
 
 def _cell(text: str) -> str:
@@ -253,8 +265,9 @@ def _overview_md(report: dict[str, Any]) -> list[str]:
         cells = []
         for v in variants:
             s = report["variants"][v]["methods"].get(m)
-            ratio = f" ({s['mean_ppl'] / first[m]['mean_ppl']:.2f}×)" if s and m in first and v != variants[0] else ""
-            cells.append(f"{_ppl(s['mean_ppl'])} ± {_ppl(s['std_over_seeds'])}{ratio}" if s else "–")
+            same = s and m in first and v != variants[0]
+            ratio = f" ({_ratio(s['mean_ppl'] / first[m]['mean_ppl'])})" if same else ""
+            cells.append(f"{_mean_std(s['mean_ppl'], s['std_over_seeds'])}{ratio}" if s else "–")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     if report["overview_plot"]:
         lines += ["", f"![validation perplexity by variant]({report['overview_plot']})"]
@@ -275,7 +288,7 @@ def _variant_md(name: str, v: dict[str, Any], n_seeds: int) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m, s in stats.items():
-        ratio = f"{s['ratio_to_worldlm']:.2f}×" if s["ratio_to_worldlm"] is not None else "–"
+        ratio = _ratio(s["ratio_to_worldlm"]) if s["ratio_to_worldlm"] is not None else "–"
         lines.append(
             f"| {m} | **{_ppl(s['mean_ppl'])}** | {_ppl(s['std_over_nodes'])} | {_ppl(s['std_over_seeds'])} | "
             f"{ratio} | {len(s['seeds'])}/{n_seeds} | {s['sequential_steps']} | {s['wall_seconds_mean']:.0f} |"
@@ -329,7 +342,7 @@ def _runs_md(report: dict[str, Any]) -> list[str]:
     ]
     for r in report["runs"]:
         lines.append(
-            f"| {r['variant']} | {r['method']} | {r['seed']} | {_ppl(r['mean_ppl'])} ± {_ppl(r['std_ppl'])} | "
+            f"| {r['variant']} | {r['method']} | {r['seed']} | {_mean_std(r['mean_ppl'], r['std_ppl'])} | "
             f"{r['sequential_steps']} | {r['wall_seconds']:.0f} | [{r['dir']}]({r['dir']}) |"
         )
     if report["missing"]:
