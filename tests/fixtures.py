@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
+
+from worldlm.data.prepared import write_token_streams
 
 SOURCES = ("fr", "it", "uk", "ru")
 
@@ -28,37 +28,14 @@ def markov_stream(seed: int, vocab: int, n: int, offset: int, width: int) -> np.
 def make_prepared(root: Path, vocab: int = 512, sizes: dict[str, int] | None = None) -> Path:
     """Write a prepared directory (manifest.json + tokens) following worldlm.data.prepared's contract."""
     sizes = sizes or {"fr": 60_000, "it": 40_000, "uk": 30_000, "ru": 20_000}
-    root.mkdir(parents=True, exist_ok=True)
-    sources = {}
+    streams = {}
     for k, (src, n) in enumerate(sizes.items()):
         # fr/it share half their token range, uk/ru the other half: two "language families".
         offset = 1 + (0 if k < 2 else (vocab - 1) // 2)
         width = (vocab - 1) // 2
         stream = markov_stream(100 * k, vocab, n + 8_000, offset, width)
-        splits = {}
-        for split, toks in (("train", stream[:n]), ("val", stream[n : n + 4_000]), ("test", stream[n + 4_000 :])):
-            path = root / "tokens" / src / f"{split}.bin"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            toks.astype(np.uint16).tofile(path)
-            splits[split] = {
-                "file": f"tokens/{src}/{split}.bin",
-                "tokens": int(toks.size),
-                "chars": int(toks.size) * 4,
-                "sha256": hashlib.sha256(toks.tobytes()).hexdigest(),
-            }
-        sources[src] = {"splits": splits, "origin": [{"package": "synthetic", "version": "0"}]}
-    (root / "tokenizer.json").write_text("{}")
-    manifest = {
-        "format": 1,
-        "recipe": "synthetic",
-        "tokenizer": "tokenizer.json",
-        "tokenizer_sha256": "",
-        "vocab_size": vocab,
-        "dtype": "uint16",
-        "eot_id": 0,
-        "sources": sources,
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest))
+        streams[src] = {"train": stream[:n], "val": stream[n : n + 4_000], "test": stream[n + 4_000 :]}
+    write_token_streams(root, streams, vocab)
     return root
 
 

@@ -1,22 +1,22 @@
 """Key-layer aggregation (paper A.3.3 steps 2, 4.ii–iv; A.3.5–A.3.7).
 
 Two kinds of tests:
-- picotron-style: NAIVE references written as plain Python loops over positions and members,
-  with cosine computed by hand on lists (`math`), checked against the batched implementation on
-  random inputs of several shapes;
+- picotron-style: the NAIVE references of `federation.aggregation_reference` (loops over
+  positions and members, cosine and softmax on Python floats) checked against the batched
+  implementation on random inputs of several shapes;
 - Flower-style prepare / execute / assert tests with hand-computable expectations.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from worldlm.federation import aggregation_reference as naive
 from worldlm.federation.aggregation import (
     aggregate_children,
     aggregate_children_batched,
@@ -31,103 +31,6 @@ from worldlm.federation.aggregation import (
 )
 
 E = math.e
-Vec = list[float]
-
-# --------------------------------------------------------------------------------------------------
-# naive references: lists and math only, loops everywhere, the paper's formulas written literally
-
-
-def naive_cos(u: Vec, v: Vec) -> float:
-    dot = sum(a * b for a, b in zip(u, v, strict=True))
-    nu = math.sqrt(sum(a * a for a in u))
-    nv = math.sqrt(sum(b * b for b in v))
-    if nu == 0.0 or nv == 0.0:
-        return 0.0
-    return dot / (nu * nv)
-
-
-def naive_softmax(scores: list[float | None]) -> list[float]:
-    """Softmax over the entries that are not None; None entries get weight 0."""
-    live = [s for s in scores if s is not None]
-    top = max(live)
-    exps = [0.0 if s is None else math.exp(s - top) for s in scores]
-    total = sum(exps)
-    return [x / total for x in exps]
-
-
-def naive_with_parent(
-    own: list[Vec], parent: list[Vec], residuals: Sequence[tuple[Vec, int]], attention: bool = True
-) -> tuple[list[Vec], list[list[float]]]:
-    """A.3.3 step 2c–d, position by position."""
-    new: list[Vec] = []
-    lams: list[list[float]] = []
-    for pos in range(len(own)):
-        q = own[pos]
-        values = [q, parent[pos]] + [v for v, _ in residuals]
-        scores: list[float | None] = [1.0, naive_cos(q, parent[pos])]
-        for v, at in residuals:
-            scores.append(naive_cos(q, v) if at == pos else None)
-        if not attention:
-            scores = [None if s is None else 0.0 for s in scores]
-        lam = naive_softmax(scores)
-        row = [0.0] * len(q)
-        for weight, value in zip(lam, values, strict=True):
-            for k in range(len(q)):
-                row[k] += weight * value[k]
-        new.append(row)
-        lams.append(lam)
-    return new, lams
-
-
-def naive_children(members: list[list[Vec]], attention: bool = True) -> tuple[list[Vec], list[list[list[float]]]]:
-    """A.3.3 step 4.iv C–D: members[m][l] -> pooled[l], λ[l][c][j]; K'_c built explicitly."""
-    n_mem, n_pos, d = len(members), len(members[0]), len(members[0][0])
-    pooled: list[Vec] = []
-    lams: list[list[list[float]]] = []
-    for pos in range(n_pos):
-        lam_l: list[list[float]] = []
-        attended: list[Vec] = []
-        for c in range(n_mem):
-            scores: list[float | None] = []
-            for j in range(n_mem):
-                if not attention:
-                    scores.append(0.0)
-                elif j == c:
-                    scores.append(1.0)  # the member itself: cos = 1 by definition
-                else:
-                    scores.append(naive_cos(members[c][pos], members[j][pos]))
-            lam = naive_softmax(scores)
-            k_c = [sum(lam[j] * members[j][pos][k] for j in range(n_mem)) for k in range(d)]
-            attended.append(k_c)
-            lam_l.append(lam)
-        pooled.append([sum(attended[c][k] for c in range(n_mem)) / n_mem for k in range(d)])
-        lams.append(lam_l)
-    return pooled, lams
-
-
-def naive_most_dissimilar(pooled: list[Vec], candidates: list[list[Vec]], nu: int) -> list[list[int]]:
-    out = []
-    for pos in range(len(pooled)):
-        sims = [(naive_cos(pooled[pos], candidates[c][pos]), c) for c in range(len(candidates))]
-        sims.sort()
-        out.append(sorted(c for _, c in sims[:nu]))
-    return out
-
-
-def naive_route(
-    residuals: list[Vec], positions: list[int], children: list[list[Vec]], allowed: list[list[bool]] | None
-) -> list[int]:
-    out = []
-    for r, v in enumerate(residuals):
-        best, best_sim = -1, -math.inf
-        for c in range(len(children)):
-            if allowed is not None and not allowed[r][c]:
-                continue
-            s = naive_cos(v, children[c][positions[r]])
-            if s > best_sim:  # strict: ties keep the lower index
-                best, best_sim = c, s
-        out.append(best)
-    return out
 
 
 def t64(x: object) -> torch.Tensor:
@@ -149,11 +52,11 @@ def test_children_batched_matches_naive(n_pos: int, d: int, n_mem: int, attentio
     members = torch.randn(n_mem, n_pos, d, generator=g, dtype=torch.float64)
     # execute
     pooled, lam = aggregate_children_batched(members, attention=attention)
-    ref_pooled, ref_lam = naive_children(members.tolist(), attention=attention)
+    ref_pooled, ref_lam = naive.children(members, attention=attention)
     # assert
     assert pooled.shape == (n_pos, d) and lam.shape == (n_pos, n_mem, n_mem)
-    torch.testing.assert_close(pooled, t64(ref_pooled), rtol=0, atol=1e-12)
-    torch.testing.assert_close(lam, t64(ref_lam), rtol=0, atol=1e-12)
+    torch.testing.assert_close(pooled, ref_pooled, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lam, ref_lam, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize(("n_pos", "d", "n_res"), [(1, 3, 0), (1, 4, 2), (2, 9, 3), (3, 16, 5), (4, 33, 7)])
@@ -173,13 +76,11 @@ def test_with_parent_batched_matches_naive(n_pos: int, d: int, n_res: int, atten
     ]
     # execute
     new, lam = aggregate_with_parent_batched(own, parent, residuals, attention=attention)
-    ref_new, ref_lam = naive_with_parent(
-        own.tolist(), parent.tolist(), [(v.tolist(), at) for v, at in residuals], attention
-    )
+    ref_new, ref_lam = naive.with_parent(own, parent, residuals, attention)
     # assert
     assert new.shape == (n_pos, d) and lam.shape == (n_pos, 2 + n_res)
-    torch.testing.assert_close(new, t64(ref_new), rtol=0, atol=1e-12)
-    torch.testing.assert_close(lam, t64(ref_lam), rtol=0, atol=1e-12)
+    torch.testing.assert_close(new, ref_new, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lam, ref_lam, rtol=0, atol=1e-12)
     for r, (_, at) in enumerate(residuals):  # masked out exactly, not approximately
         assert all(lam[pos, 2 + r].item() == 0.0 for pos in range(n_pos) if pos != at)
 
@@ -194,8 +95,8 @@ def test_most_dissimilar_batched_matches_naive(n_pos: int, d: int, n_cand: int, 
     idx, sims = most_dissimilar_batched(pooled, cands, nu)
 
     assert idx.dtype == torch.int64 and idx.shape == (n_pos, min(nu, n_cand))
-    assert idx.tolist() == naive_most_dissimilar(pooled.tolist(), cands.tolist(), nu)
-    ref_sims = [[naive_cos(pooled[p].tolist(), cands[c, p].tolist()) for c in range(n_cand)] for p in range(n_pos)]
+    assert idx.tolist() == naive.most_dissimilar(pooled, cands, nu)
+    ref_sims = [[naive.cos(pooled[p], cands[c, p]) for c in range(n_cand)] for p in range(n_pos)]
     torch.testing.assert_close(sims, t64(ref_sims), rtol=0, atol=1e-12)
 
 
@@ -213,15 +114,10 @@ def test_route_batched_matches_naive(n_pos: int, d: int, n_child: int, masked: b
 
     best, sim = route_batched(residuals, positions, children, allowed)
 
-    ref = naive_route(
-        residuals.tolist(),
-        positions.tolist(),
-        children.tolist(),
-        None if allowed is None else allowed.tolist(),
-    )
+    ref = naive.route(residuals, positions.tolist(), children, allowed)
     assert best.dtype == torch.int64 and best.tolist() == ref
     for r, c in enumerate(ref):
-        want = 0.0 if c < 0 else naive_cos(residuals[r].tolist(), children[c, int(positions[r])].tolist())
+        want = 0.0 if c < 0 else naive.cos(residuals[r], children[c, int(positions[r])])
         assert sim[r].item() == pytest.approx(want, abs=1e-12)
 
 
@@ -233,7 +129,7 @@ def test_cosine_matrix_matches_naive() -> None:
 
     got = cosine_matrix(x, y)
 
-    ref = [[[naive_cos(x[p, m].tolist(), y[p, n].tolist()) for n in range(5)] for m in range(4)] for p in range(3)]
+    ref = [[[naive.cos(x[p, m], y[p, n]) for n in range(5)] for m in range(4)] for p in range(3)]
     torch.testing.assert_close(got, t64(ref), rtol=0, atol=1e-12)
     assert torch.all(got[1, :, 2] == 0)
 
@@ -246,7 +142,7 @@ def test_cosine_broadcasts_and_matches_naive() -> None:
     got = cosine(a, b)
 
     assert got.shape == (4, 3)
-    ref = [[naive_cos(a[i, 0].tolist(), b[j].tolist()) for j in range(3)] for i in range(4)]
+    ref = [[naive.cos(a[i, 0], b[j]) for j in range(3)] for i in range(4)]
     torch.testing.assert_close(got, t64(ref), rtol=0, atol=1e-12)
 
 
@@ -254,16 +150,14 @@ def test_float32_inputs_keep_dtype_and_agree_with_naive() -> None:
     g = torch.Generator().manual_seed(5)
     members = torch.randn(5, 2, 50, generator=g)  # float32
     pooled, _ = aggregate_children_batched(members)
-    ref, _ = naive_children(members.double().tolist())
+    ref, _ = naive.children(members)
     assert pooled.dtype == torch.float32
-    torch.testing.assert_close(pooled.double(), t64(ref), rtol=0, atol=1e-6)
+    torch.testing.assert_close(pooled.double(), ref, rtol=0, atol=1e-6)
 
     new, _ = aggregate_with_parent_batched(members[0], members[1], [(members[2, 1], 1)])
-    ref_new, _ = naive_with_parent(
-        members[0].double().tolist(), members[1].double().tolist(), [(members[2, 1].double().tolist(), 1)]
-    )
+    ref_new, _ = naive.with_parent(members[0], members[1], [(members[2, 1], 1)])
     assert new.dtype == torch.float32
-    torch.testing.assert_close(new.double(), t64(ref_new), rtol=0, atol=1e-6)
+    torch.testing.assert_close(new.double(), ref_new, rtol=0, atol=1e-6)
 
 
 def test_bfloat16_inputs_keep_dtype() -> None:
@@ -285,13 +179,11 @@ def test_single_vector_wrappers_equal_batched_forms() -> None:
         aggregate_with_parent(node, c1, [c2, c3]),
         aggregate_with_parent_batched(node[None], c1[None], [(c2, 0), (c3, 0)])[0][0],
     )
-    ref_new, _ = naive_with_parent([node.tolist()], [c1.tolist()], [(c2.tolist(), 0), (c3.tolist(), 0)])
-    torch.testing.assert_close(aggregate_with_parent(node, c1, [c2, c3]), t64(ref_new[0]), rtol=0, atol=1e-12)
-    assert (
-        most_dissimilar(node, [c1, c2, c3], 2)
-        == naive_most_dissimilar([node.tolist()], [[c.tolist()] for c in (c1, c2, c3)], 2)[0]
-    )
-    assert route(node, [c1, c2, c3]) == naive_route([node.tolist()], [0], [[c.tolist()] for c in (c1, c2, c3)], None)[0]
+    ref_new, _ = naive.with_parent(node[None], c1[None], [(c2, 0), (c3, 0)])
+    torch.testing.assert_close(aggregate_with_parent(node, c1, [c2, c3]), ref_new[0], rtol=0, atol=1e-12)
+    stacked = torch.stack([c1, c2, c3])[:, None]  # [C=3, L=1, D]
+    assert most_dissimilar(node, [c1, c2, c3], 2) == naive.most_dissimilar(node[None], stacked, 2)[0]
+    assert route(node, [c1, c2, c3]) == naive.route(node[None], [0], stacked)[0]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ def test_flat_tree_without_keys_is_fedavgm_by_hand() -> None:
         momentum = 0.9 * momentum + delta
         server = server + momentum
         assert torch.allclose(states[flat.root].params, server, atol=1e-12)
-    deployed = deployed_models(flat, states, split, opts)
+    deployed = dict(deployed_models(flat, states, split, opts))
     assert all(torch.equal(deployed[c], server) for c in flat.order)  # FL: everyone gets the global model
 
 
@@ -265,6 +265,8 @@ sources = ["fr"]
 def test_eval_model_local_uses_each_nodes_own_state(tmp_path: Path, data: Path) -> None:
     deployed = run_cli(tmp_path, data, "worldlm", "eval.model=deployed")
     local = run_cli(tmp_path, data, "worldlm")  # eval.model = "local" is the default
+    # node states kept on disk give the same deployed models (built depth-first, one path at a time)
+    assert run_cli(tmp_path, data, "worldlm", "eval.model=deployed", "federation.offload_states=true") == deployed
     nodes_d, nodes_l = deployed["nodes"], local["nodes"]
     assert isinstance(nodes_d, dict) and isinstance(nodes_l, dict)
     assert nodes_d["root"] == nodes_l["root"]  # the root's deployed model is its own state

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,3 +117,24 @@ def test_sigterm_stops_at_a_round_boundary_with_a_checkpoint(setup: tuple[Path, 
     assert proc.returncode == 130 and "--resume" in err
     assert main(["train", str(cfg), "--out", str(out), "--quiet", "--resume", *ROUNDS]) == 0
     assert summary_of(out) == reference
+
+
+def test_offloaded_node_states_give_bitwise_identical_results_and_resume(
+    setup: tuple[Path, Path, dict[str, object]],
+) -> None:
+    tmp, cfg, reference = setup
+    out = tmp / "offload"
+    offload = [*ROUNDS, "--set", "federation.offload_states=true"]
+    assert main(["train", str(cfg), "--out", str(out), "--quiet", *offload]) == 0
+    assert summary_of(out) == reference
+    assert records_of(out) == records_of(tmp / "reference")
+    for model in sorted((tmp / "reference" / "checkpoints" / "final").glob("*.safetensors")):
+        assert (out / "checkpoints" / "final" / model.name).read_bytes() == model.read_bytes()
+    assert not (out / "offload").exists()  # scratch files go once the run is complete
+    # resumed from its round-4 checkpoint, node states again on disk: still the same run
+    shutil.rmtree(out / "checkpoints" / "round-0005")
+    shutil.rmtree(out / "checkpoints" / "final")
+    (out / "summary.json").unlink()
+    assert main(["train", str(cfg), "--out", str(out), "--quiet", "--resume", *offload]) == 0
+    assert summary_of(out) == reference
+    assert records_of(out) == records_of(tmp / "reference")

@@ -84,6 +84,9 @@ class FederationConfig:
     route_to_origin: bool = False  # allow a residual to be routed back into the subtree it came from
     sub_rounds: int = 1  # T_q: sub-rounds of a node per parent visit
     server_opt: ServerOptSettings = field(default_factory=ServerOptSettings)
+    # Keep node states (parameters, AdamW and server-optimizer state) in files under the run directory
+    # between their uses, so memory does not grow with the number of nodes; results are bitwise the same.
+    offload_states: bool = False
 
 
 @dataclass
@@ -376,6 +379,8 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     out = typing.cast(dict[str, Any], strip_none(dataclasses.asdict(cfg)))
     if cfg.dp == DPConfig():  # [dp] is written only when set, so configs of runs without DP stay as before
         del out["dp"]
+    if not cfg.federation.offload_states:  # likewise, so complete earlier runs still match (experiments)
+        del out["federation"]["offload_states"]
     return out
 
 

@@ -5,24 +5,35 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over `path`."""
+def atomic_write_with(path: str | Path, write: Callable[[Path], None], fsync: bool = True) -> None:
+    """Let `write` fill a temporary file in the same directory, fsync it, then rename it over `path`.
+
+    `fsync=False` keeps the rename (readers never see half a file) but not durability across a
+    power loss: for scratch files that are rebuilt from a checkpoint anyway.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write(tmp)
+        if fsync:
+            with tmp.open("rb") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, fsync: bool = True) -> None:
+    atomic_write_with(path, lambda tmp: tmp.write_bytes(data), fsync)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

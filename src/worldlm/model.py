@@ -150,7 +150,7 @@ class ParamLayout:
 
     def flatten(self, model: nn.Module) -> Tensor:
         params = dict(model.named_parameters())
-        return torch.cat([params[n].detach().reshape(-1) for n in self.names]).clone()
+        return torch.cat([params[n].detach().reshape(-1) for n in self.names])  # a new tensor: cat never aliases
 
     def load(self, model: nn.Module, flat: Tensor) -> None:
         """Copy a flat state vector into the model's parameters (in place)."""

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from worldlm.errors import DataError
+from worldlm.io import atomic_write_bytes
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
@@ -118,3 +119,38 @@ def _check_tokenizer(prepared: Prepared) -> None:
             f"tokenizer {path} does not match the one the token streams in {prepared.root} were made with; "
             "restore it or re-run `worldlm prepare`"
         )
+
+
+def write_token_streams(root: Path, streams: dict[str, dict[str, np.ndarray]], vocab_size: int) -> Prepared:
+    """A prepared directory from token ids (source -> split -> ids) and no real tokenizer: for tests and the bench.
+
+    The tokenizer file is a placeholder (its checksum is left empty, so it is not checked). Files are
+    renamed into place but not fsynced: throwaway data, made again in a moment if lost.
+    """
+    sources = {}
+    for src, splits in streams.items():
+        entry = {}
+        for split in SPLITS:
+            ids = splits[split].astype(np.uint16)
+            file = f"tokens/{src}/{split}.bin"
+            atomic_write_bytes(root / file, ids.tobytes(), fsync=False)
+            entry[split] = {
+                "file": file,
+                "tokens": int(ids.size),
+                "chars": int(ids.size) * 4,
+                "sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
+            }
+        sources[src] = {"splits": entry, "origin": [{"package": "synthetic", "version": "0"}]}
+    atomic_write_bytes(root / "tokenizer.json", b"{}", fsync=False)
+    manifest = {
+        "format": FORMAT_VERSION,
+        "recipe": "synthetic",
+        "tokenizer": "tokenizer.json",
+        "tokenizer_sha256": "",
+        "vocab_size": vocab_size,
+        "dtype": "uint16",
+        "eot_id": 0,
+        "sources": sources,
+    }
+    atomic_write_bytes(root / MANIFEST, json.dumps(manifest, indent=2).encode(), fsync=False)
+    return load_prepared(root)

@@ -13,7 +13,7 @@ callback. Baselines are configurations of this same round (DESIGN §2):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -28,6 +28,7 @@ from worldlm.federation.aggregation import (
 )
 from worldlm.federation.server_opt import ServerOpt
 from worldlm.federation.tree import Tree
+from worldlm.timing import PhaseFn, no_phase
 
 Event = dict[str, object]
 Emit = Callable[[Event], None]
@@ -296,21 +297,32 @@ def trainings_per_round(tree: Tree, node: str, opts: FedOptions) -> int:
     return int(opts.sub_rounds ** len(inner))
 
 
+def _keep(_node: str) -> None:
+    """The `release` hook of states held in memory: nothing to do."""
+
+
 def run_round(
     tree: Tree,
-    states: dict[str, NodeState],
+    states: Mapping[str, NodeState],
     split: Split,
     opts: FedOptions,
     round_idx: int,
     trainer: NodeTrainer,
     emit: Emit,
     privacy: Privatizer | None = None,
+    release: Callable[[str], None] = _keep,
+    phase: PhaseFn = no_phase,
 ) -> None:
     """Algorithm 1 for one global round, root first; states are updated in place.
 
     With `privacy`, the update of every node it `applies` to is replaced by its DP release before
     the parent sees it (paper §4.2, DPFedAvg); a node without a release (budget spent) is left out
     of its parent's aggregation. Nodes it does not apply to, and runs without it, are unchanged.
+
+    `release(q)` is called when q's visit is over: its state is not needed until it is next looked
+    up (a runner keeping states on disk writes it out then). `phase(name)` times the federation's
+    own work: "aggregation" (steps 2–3 and 4.iv), "routing" (4.ii–iii), "serialisation" (the
+    update a node sends up) and "privacy" (DP releases); training is timed by the trainer.
     """
     start = round_idx * sequential_span(tree, tree.root, opts)
     received: dict[str, Tensor] = {}  # DP nodes: the parent state they got this visit (the DP reference)
@@ -325,7 +337,8 @@ def run_round(
             step += opts.local_steps[q]
             if not children:
                 break
-            routed = _route_down(q, st, children, round_idx)  # 4.ii–iii
+            with phase("routing"):
+                routed = _route_down(q, st, children, round_idx)  # 4.ii–iii
             updates: list[Update] = []
             senders: list[str] = []  # children whose update arrived (all of them without DP budgets)
             for c in children:  # notionally in parallel: every child sees the same parent state
@@ -342,23 +355,28 @@ def run_round(
             if not updates:  # every child withheld: nothing to aggregate this sub-round
                 continue
             assert st.server_opt is not None, f"inner node {q} has no server optimizer"
-            picked, weights, to_parent = aggregate_step(st, updates, senders, q == tree.root, split, opts)  # 4.iv
+            with phase("aggregation"):
+                picked, weights, to_parent = aggregate_step(st, updates, senders, q == tree.root, split, opts)  # 4.iv
             if weights is not None:
                 emit(children_attention_event(round_idx, q, senders, weights))
             for r in picked:
                 emit(pick_event(round_idx, q, r))
             outbox.extend(to_parent)
+        with phase("serialisation"):
+            message = Update(st.params.clone(), outbox)
+        sent: Update | None = message
         if privacy is not None and q in received:  # DPFedAvg: what leaves a DP node is privatised (§4.2)
-            return privacy.release(
-                q, Update(st.params.clone(), outbox), received.pop(q), split, _uses_keys(split, opts)
-            )
-        return Update(st.params.clone(), outbox)
+            with phase("privacy"):
+                sent = privacy.release(q, message, received.pop(q), split, _uses_keys(split, opts))
+        release(q)
+        return sent
 
     def _send_down(q: str, c: str, routed: list[Residual], rnd: int) -> None:
         parent_params = states[q].params
         if privacy is not None and privacy.applies(c):
             received[c] = parent_params.clone()  # the DP reference: release = this + privatised difference
-        weights, used = accept_from_parent(states[c], parent_params, routed, tree.is_leaf(c), split, opts)  # 2–3
+        with phase("aggregation"):
+            weights, used = accept_from_parent(states[c], parent_params, routed, tree.is_leaf(c), split, opts)  # 2–3
         down = message_numel(split, opts, routed)
         emit(edge_event(rnd, q, c, down * BYTES_PER_VALUE))
         if weights is not None:
@@ -366,7 +384,8 @@ def run_round(
 
     def _route_down(q: str, st: NodeState, children: list[str], rnd: int) -> dict[str, list[Residual]]:
         routed: dict[str, list[Residual]] = {}  # the children queue them when the parent's model arrives
-        keys = [split.keys(states[c].params) for c in children] if _uses_keys(split, opts) else []
+        # Children's key layers only when there is something to route: a lookup may load a state from disk.
+        keys = [split.keys(states[c].params) for c in children] if st.to_route and _uses_keys(split, opts) else []
         for r, target, sim in route_pending(st, children, keys, tree, split, opts):
             emit(route_event(rnd, q, r, target, sim))
             if target is not None:
@@ -376,16 +395,28 @@ def run_round(
     visit(tree.root, start)
 
 
-def deployed_models(tree: Tree, states: dict[str, NodeState], split: Split, opts: FedOptions) -> dict[str, Tensor]:
+def deployed_models(
+    tree: Tree,
+    states: Mapping[str, NodeState],
+    split: Split,
+    opts: FedOptions,
+    release: Callable[[str], None] = _keep,
+) -> Iterator[tuple[str, Tensor]]:
     """Each node's personalised model: what it would hold after the next downward pass (steps 2–3).
 
     The root keeps its own state; every other node takes its parent's deployed backbone and
     aggregates its keys with the parent's (and its pending D_a). For FL this is the usual
-    "global model broadcast to every client". Node states are not modified.
+    "global model broadcast to every client". Node states are not modified. Yields (node, model)
+    depth-first, so only the models on one root-to-node path are held at a time; `release` as
+    in `run_round`.
     """
-    out = {tree.root: states[tree.root].params}
-    for name in tree.order[1:]:
-        parent = tree[name].parent
-        assert parent is not None
-        out[name], _ = receive_from_parent(states[name].params, out[parent], states[name].to_aggregate, split, opts)
-    return out
+
+    def walk(name: str, parent: Tensor | None) -> Iterator[tuple[str, Tensor]]:
+        st = states[name]
+        model = st.params if parent is None else receive_from_parent(st.params, parent, st.to_aggregate, split, opts)[0]
+        release(name)
+        yield name, model
+        for child in tree[name].children:
+            yield from walk(child, model)
+
+    yield from walk(tree.root, None)

@@ -1,10 +1,13 @@
 """Round checkpoints of a whole federation: written atomically, verified by checksum on load.
 
-A checkpoint is a directory `checkpoints/round-NNNN/` holding `state.safetensors` (every tensor:
-node parameters, AdamW moments, server-optimizer momenta, residual queues), `state.json` (the
-rest: counters, sampler RNG states, residual metadata, metrics offset) and `manifest.json` with
-the sha256 of both. It is assembled in a temporary directory and renamed into place, so a kill at
-any moment leaves either the complete new checkpoint or none; a corrupt one is skipped on load.
+A checkpoint is a directory `checkpoints/round-NNNN/` of *parts*, one safetensors file each with
+its JSON metadata in the header: `state` (counters, sampler RNG states, metrics offset, DP state)
+and one part per node state and per AdamW state, plus `manifest.json` with the sha256 of every
+file. Parts are produced and written one at a time, and read back one at a time, so writing or
+restoring a checkpoint never holds more than one node's state besides the run's own (node states
+kept on disk stay there). It is assembled in a temporary directory and renamed into place, so a
+kill at any moment leaves either the complete new checkpoint or none; a corrupt one is skipped on
+load.
 """
 
 from __future__ import annotations
@@ -13,30 +16,62 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from worldlm.errors import WorldLMError
-from worldlm.io import atomic_write_bytes, atomic_write_json
+from worldlm.io import atomic_write_json, atomic_write_with
 
 PREFIX = "round-"
+FORMAT = 2  # 1: one state.safetensors + state.json (before node states could live on disk)
+
+
+@dataclass
+class Part:
+    """One file of a checkpoint (or of a node state kept on disk): tensors and JSON-able metadata."""
+
+    tensors: dict[str, Tensor]
+    meta: dict[str, Any]
+
+
+def write_part(path: Path, part: Part, durable: bool = True) -> None:
+    """Atomically write `part`; `durable=False` skips the fsync (scratch files rebuilt on resume).
+
+    safetensors writes straight from the tensors' memory: no intermediate copy of the file's bytes.
+    """
+    tensors = {k: v.detach().contiguous() for k, v in part.tensors.items()}
+    metadata = {"meta": json.dumps(part.meta)}
+    atomic_write_with(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), fsync=durable)
+
+
+def read_part(path: Path) -> Part:
+    """The tensors (in memory of their own: read, not mapped, so later writes to the file cannot
+    reach them) and metadata of a part."""
+    with safe_open(path, framework="pt", backend="pread") as f:
+        return Part(f.get_tensors(), json.loads(f.metadata()["meta"]))
 
 
 @dataclass
 class Snapshot:
-    round: int  # rounds completed
-    tensors: dict[str, Tensor]
-    state: dict[str, Any]
+    """A checkpoint: rounds completed and its parts by name, each made (or loaded) when called."""
+
+    round: int
+    parts: Mapping[str, Callable[[], Part]]
 
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def save_checkpoint(root: Path, snap: Snapshot, keep: int) -> Path:
@@ -45,11 +80,12 @@ def save_checkpoint(root: Path, snap: Snapshot, keep: int) -> Path:
     tmp = root / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tensors = {k: v.detach().contiguous() for k, v in snap.tensors.items()}
-    atomic_write_bytes(tmp / "state.safetensors", save_safetensors(tensors))
-    atomic_write_json(tmp / "state.json", snap.state)
-    files = {name: _sha256(tmp / name) for name in ("state.safetensors", "state.json")}
-    atomic_write_json(tmp / "manifest.json", {"round": snap.round, "files": files})
+    files = {}
+    for name, make in snap.parts.items():
+        file = f"{name}.safetensors"
+        write_part(tmp / file, make())
+        files[file] = _sha256(tmp / file)
+    atomic_write_json(tmp / "manifest.json", {"format": FORMAT, "round": snap.round, "files": files})
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -66,12 +102,13 @@ def checkpoint_dirs(root: Path) -> list[Path]:
 
 def _load_one(path: Path) -> Snapshot:
     manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"format {manifest.get('format', 1)} (written by an older worldlm), expected {FORMAT}")
     for name, digest in manifest["files"].items():
         if _sha256(path / name) != digest:
             raise ValueError(f"{name} does not match its checksum")
-    tensors = load_safetensors((path / "state.safetensors").read_bytes())
-    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    return Snapshot(int(manifest["round"]), tensors, state)
+    parts = {name.removesuffix(".safetensors"): partial(read_part, path / name) for name in manifest["files"]}
+    return Snapshot(int(manifest["round"]), parts)
 
 
 def load_latest(root: Path, warn: Callable[[str], None]) -> Snapshot:

@@ -8,7 +8,9 @@ personalised model, and writes the run directory (DESIGN §4).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -16,6 +18,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +33,12 @@ from worldlm.data.prepared import load_prepared
 from worldlm.errors import WorldLMError
 from worldlm.evaluate import evaluate
 from worldlm.federation.privacy import DPSettings, Privacy
-from worldlm.federation.server_opt import ServerOptConfig, make_server_opt
+from worldlm.federation.server_opt import ServerOpt, ServerOptConfig, make_server_opt
 from worldlm.federation.tree import NodeSpec, Tree, TreeNode, build_tree, flat_tree
 from worldlm.federation.worldlm import (
     BYTES_PER_VALUE,
     FedOptions,
     NodeState,
-    Residual,
     Split,
     deployed_models,
     run_round,
@@ -45,7 +47,17 @@ from worldlm.federation.worldlm import (
 )
 from worldlm.io import JsonlWriter, atomic_write_bytes, atomic_write_json, atomic_write_text
 from worldlm.model import GPT, ParamLayout, gpt_config
-from worldlm.runners.checkpoint import Snapshot, load_latest, save_checkpoint
+from worldlm.runners.checkpoint import Part, Snapshot, load_latest, read_part, save_checkpoint, write_part
+from worldlm.runners.node_state import (
+    DiskStates,
+    MemoryStates,
+    NodeStates,
+    adam_part,
+    encode_state,
+    load_adam,
+    load_state,
+)
+from worldlm.timing import PhaseFn, PhaseTimer, no_phase, round_record
 from worldlm.train import ClientOptConfig, Schedule, TrainStats, make_client_opt, train_steps
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -60,7 +72,7 @@ class Federation:
     opts: FedOptions
     split: Split
     evaluates: dict[str, str]
-    states: dict[str, NodeState]
+    states: NodeStates
 
 
 def tree_from_config(cfg: C.Config) -> Tree:
@@ -121,35 +133,57 @@ def plan(cfg: C.Config, tree: Tree, spans: dict[str, list[Span]], layout: ParamL
     if cfg.method in ("worldlm", "hierfavg", "fedper"):
         split = no_keys if cfg.method == "hierfavg" else keys
         o = opts({n: s for n in names}, share_keys=cfg.method == "worldlm")
-        return [Federation(tree, spans, o, split, {n: n for n in names}, {})]
+        return [Federation(tree, spans, o, split, {n: n for n in names}, MemoryStates())]
     if cfg.method == "fl":
         flat = flat_tree(tree)
         steps = {n: (0 if n == flat.root else per_round) for n in flat.order}
-        return [Federation(flat, spans, opts(steps), no_keys, {n: n for n in names}, {})]
+        return [Federation(flat, spans, opts(steps), no_keys, {n: n for n in names}, MemoryStates())]
     if cfg.method == "centralized":
         pooled = [sp for n in names for sp in spans[n]]
         single = _single("centralized", pooled)
         o = opts({"centralized": per_round})
-        return [Federation(single, {"centralized": pooled}, o, no_keys, {n: "centralized" for n in names}, {})]
+        evaluates = {n: "centralized" for n in names}
+        return [Federation(single, {"centralized": pooled}, o, no_keys, evaluates, MemoryStates())]
     # local: every node alone on its own data for the same sequential steps
-    return [Federation(_single(n, spans[n]), {n: spans[n]}, opts({n: per_round}), no_keys, {n: n}, {}) for n in names]
+    return [
+        Federation(_single(n, spans[n]), {n: spans[n]}, opts({n: per_round}), no_keys, {n: n}, MemoryStates())
+        for n in names
+    ]
 
 
-def personal_models(fed: Federation, which: str) -> dict[str, Tensor]:
-    """Each engine node's personalised model (see eval.model in config.py)."""
+def personal_models(fed: Federation, which: str) -> Iterator[tuple[str, Tensor]]:
+    """Each engine node's personalised model (see eval.model in config.py), one node at a time."""
     if which == "deployed":
-        return deployed_models(fed.tree, fed.states, fed.split, fed.opts)
-    return {name: st.params for name, st in fed.states.items()}
+        yield from deployed_models(fed.tree, fed.states, fed.split, fed.opts, fed.states.release)
+        return
+    for name in fed.tree.order:
+        with fed.states.use(name) as st:
+            yield name, st.params
 
 
 class LocalTrainer:
-    """Owns the working model and, per node, an AdamW state and a data sampler (engine's NodeTrainer)."""
+    """Owns the working model and, per node, an AdamW state and a data sampler (engine's NodeTrainer).
 
-    def __init__(self, model: GPT, layout: ParamLayout, client: ClientOptConfig, schedule: Schedule) -> None:
+    With `offload`, a node's AdamW moments live in a file there between its visits (see
+    federation.offload_states). `phase` times "serialisation" (a node's flat state into and out of
+    the working model), "training" and "offload".
+    """
+
+    def __init__(
+        self,
+        model: GPT,
+        layout: ParamLayout,
+        client: ClientOptConfig,
+        schedule: Schedule,
+        offload: Path | None = None,
+        phase: PhaseFn = no_phase,
+    ) -> None:
         self.model = model
         self.layout = layout
         self.client = client
         self.schedule = schedule
+        self.offload = offload
+        self.phase = phase
         self.samplers: dict[str, BatchSampler] = {}
         self.opts: dict[str, torch.optim.Optimizer] = {}
         self.on_train: Callable[[str, int, int, TrainStats], None] = lambda *_: None
@@ -160,20 +194,48 @@ class LocalTrainer:
         # Each node's AdamW holds its own moments for the shared working parameters (ClientOpt state).
         self.opts[name] = make_client_opt(self.model, self.client)
 
+    def _adam_file(self, node: str) -> Path:
+        assert self.offload is not None
+        return self.offload / f"adam-{list(self.opts).index(node)}.safetensors"
+
+    def adam_state(self, node: str) -> Part:
+        """The node's AdamW state (read from its file when offloaded; empty before it first trained)."""
+        if self.offload is None:
+            return adam_part(self.opts[node])
+        file = self._adam_file(node)
+        return read_part(file) if file.is_file() else Part({}, {})
+
+    def set_adam_state(self, node: str, part: Part) -> None:
+        if self.offload is None:
+            load_adam(self.opts[node], part)
+        else:
+            write_part(self._adam_file(node), part, durable=False)
+
     def train(self, node: str, params: Tensor, start_step: int, n_steps: int) -> Tensor:
-        self.layout.load(self.model, params)
-        stats = train_steps(
-            self.model,
-            self.opts[node],
-            self.samplers[node].next,
-            self.schedule,
-            start_step,
-            n_steps,
-            self.client.grad_clip,
-            on_step=lambda step, loss: self.on_step(node, step, loss),
-        )
+        opt = self.opts[node]
+        with self.phase("serialisation"):
+            self.layout.load(self.model, params)
+        if self.offload is not None:
+            with self.phase("offload"):
+                load_adam(opt, self.adam_state(node))
+        with self.phase("training"):
+            stats = train_steps(
+                self.model,
+                opt,
+                self.samplers[node].next,
+                self.schedule,
+                start_step,
+                n_steps,
+                self.client.grad_clip,
+                on_step=lambda step, loss: self.on_step(node, step, loss),
+            )
+        if self.offload is not None:
+            with self.phase("offload"):
+                self.set_adam_state(node, adam_part(opt))
+                opt.state.clear()
         self.on_train(node, start_step, n_steps, stats)
-        return self.layout.flatten(self.model)
+        with self.phase("serialisation"):
+            return self.layout.flatten(self.model)
 
 
 def node_seed(seed: int, name: str) -> int:
@@ -204,6 +266,11 @@ class LocalRun:
         key_blocks = C.key_blocks(cfg) if cfg.method in ("worldlm", "fedper") else 0
         self.layout = ParamLayout(self.model, key_blocks)
         self.feds = plan(cfg, self.tree, self.spans, self.layout)
+        self.timer = PhaseTimer()
+        self.offload = out / "offload" if cfg.federation.offload_states else None
+        if self.offload is not None:  # federation.offload_states: node states in files between uses
+            for i, fed in enumerate(self.feds):
+                fed.states = DiskStates(self.offload / str(i), partial(self._server_opt_for, fed), self.timer.phase)
         # DP per federation index (only federations holding dp-flagged nodes with a parent)
         self.privacy = {i: p for i, fed in enumerate(self.feds) if (p := make_privacy(cfg, fed)) is not None}
         first = self.feds[0]
@@ -217,7 +284,12 @@ class LocalRun:
             t.total_steps if t.total_steps >= 0 else self.total_seq,
         )
         self.trainer = LocalTrainer(
-            self.model, self.layout, ClientOptConfig(t.weight_decay, t.beta1, t.beta2, t.grad_clip), schedule
+            self.model,
+            self.layout,
+            ClientOptConfig(t.weight_decay, t.beta1, t.beta2, t.grad_clip),
+            schedule,
+            self.offload,
+            self.timer.phase,
         )
         self.trainer.on_train, self.trainer.on_step = self._on_train, self._on_step
         self._init_nodes()
@@ -231,8 +303,16 @@ class LocalRun:
         self.edge_bytes: dict[str, int] = {}
         self.val: dict[str, dict[str, float]] = {}
         self.metrics: JsonlWriter | None = None
+        self.round_seconds: list[dict[str, float | int]] = []  # this session's timing.jsonl records
         self.t_start = time.perf_counter()
         self.elapsed_before = 0.0  # wall seconds of earlier sessions of a resumed run
+
+    def _server_opt_for(self, fed: Federation, name: str) -> ServerOpt | None:
+        """A fresh server optimizer for an inner node (its own settings, else federation.server_opt)."""
+        if not fed.tree[name].children:
+            return None
+        own = next((n.server_opt for n in self.cfg.tree.nodes if n.name == name and n.server_opt), None)
+        return make_server_opt(_server_opt_cfg(own or self.cfg.federation.server_opt))
 
     def _init_nodes(self) -> None:
         init = self.layout.flatten(self.model)
@@ -241,11 +321,8 @@ class LocalRun:
             for name in fed.tree.order:
                 node = fed.tree[name]
                 self.level[name] = node.level
-                fed.states[name] = NodeState(params=init.clone())
-                if node.children:
-                    own = next((n.server_opt for n in self.cfg.tree.nodes if n.name == name and n.server_opt), None)
-                    settings = own or self.cfg.federation.server_opt
-                    fed.states[name].server_opt = make_server_opt(_server_opt_cfg(settings))
+                fed.states[name] = NodeState(params=init.clone(), server_opt=self._server_opt_for(fed, name))
+                fed.states.release(name)
                 if node.trains:
                     sampler = BatchSampler(
                         self.data,
@@ -305,49 +382,56 @@ class LocalRun:
 
     # ------------------------------------------------------------------ evaluation
 
+    def user_models(self) -> Iterator[tuple[str, Tensor]]:
+        """(user node, its personalised model) for every tree node, one engine node's model at a time."""
+        for fed in self.feds:
+            users: dict[str, list[str]] = {}
+            for user_node, engine_node in fed.evaluates.items():
+                users.setdefault(engine_node, []).append(user_node)
+            for engine_node, params in personal_models(fed, self.cfg.eval.model):
+                for user_node in users.get(engine_node, []):
+                    yield user_node, params
+
     def evaluate_all(self, split: str, rnd: int) -> dict[str, dict[str, float]]:
         results: dict[str, dict[str, float]] = {}
-        for fed in self.feds:
-            models = personal_models(fed, self.cfg.eval.model)
-            for user_node, engine_node in fed.evaluates.items():
-                self.layout.load(self.model, models[engine_node])
-                windows = self.windows[(user_node, split)]
-                loss, ppl = evaluate(self.model, windows, self.cfg.eval.batch_size)
-                results[user_node] = {"loss": loss, "ppl": ppl}
-                self._write(
-                    {
-                        "round": rnd,
-                        "stage": None,
-                        "node": user_node,
-                        "split": split,
-                        "loss": loss,
-                        "ppl": ppl,
-                        "tokens": int(windows[:, 1:].numel()),
-                        "step": (rnd + 1) * self.per_round,
-                    }
-                )
+        for user_node, params in self.user_models():
+            self.layout.load(self.model, params)
+            windows = self.windows[(user_node, split)]
+            loss, ppl = evaluate(self.model, windows, self.cfg.eval.batch_size)
+            results[user_node] = {"loss": loss, "ppl": ppl}
+            self._write(
+                {
+                    "round": rnd,
+                    "stage": None,
+                    "node": user_node,
+                    "split": split,
+                    "loss": loss,
+                    "ppl": ppl,
+                    "tokens": int(windows[:, 1:].numel()),
+                    "step": (rnd + 1) * self.per_round,
+                }
+            )
         self.progress({"kind": "eval", "split": split, "round": rnd, "results": results})
         return results
 
     # ------------------------------------------------------------------ checkpoints
 
     def snapshot(self) -> Snapshot:
-        """Everything needed to continue exactly: parameters, optimizer states, queues, RNG, counters."""
-        tensors: dict[str, Tensor] = {}
-        queues: dict[str, dict[str, list[list[Any]]]] = {}
+        """Everything needed to continue exactly, as checkpoint parts made one at a time when written.
+
+        Parts: `state` (counters, sampler RNG, DP state), `node-<fed>-<k>` per node state (k: its
+        index in the tree order), `adam-<k>` per training node's AdamW state.
+        """
+        parts: dict[str, Callable[[], Part]] = {"state": self._run_part}
         for i, fed in enumerate(self.feds):
-            for name, st in fed.states.items():
-                key = f"{i}/{name}"
-                tensors[f"{key}/params"] = st.params
-                if st.server_opt is not None:
-                    tensors.update({f"{key}/server/{k}": v for k, v in st.server_opt.state_dict().items()})
-                for qname in ("to_aggregate", "to_route"):
-                    queue: list[Residual] = getattr(st, qname)
-                    tensors.update({f"{key}/{qname}/{j}": r.vector for j, r in enumerate(queue)})
-                    queues.setdefault(key, {})[qname] = [[r.position, r.origin] for r in queue]
-        for name, opt in self.trainer.opts.items():
-            for idx, entry in opt.state_dict()["state"].items():
-                tensors.update({f"adam/{name}/{idx}/{k}": v for k, v in entry.items()})
+            for k, name in enumerate(fed.tree.order):
+                parts[f"node-{i}-{k}"] = partial(_node_part, fed.states, name)
+        for k, name in enumerate(self.trainer.opts):
+            parts[f"adam-{k}"] = partial(self.trainer.adam_state, name)
+        return Snapshot(self.round, parts)
+
+    def _run_part(self) -> Part:
+        tensors: dict[str, Tensor] = {}
         privacy: dict[str, Any] = {}
         for i, priv in self.privacy.items():  # accountant ledgers, clip bounds, noise RNG (resume = uninterrupted)
             priv_tensors, privacy[str(i)] = priv.state_dict()
@@ -358,38 +442,22 @@ class LocalRun:
             "metrics_lines": self.metrics.lines,
             "edge_bytes": self.edge_bytes,
             "val": self.val,
-            "queues": queues,
             "samplers": {name: sampler.state() for name, sampler in self.trainer.samplers.items()},
             "privacy": privacy,
             "wall_seconds": self.elapsed_before + time.perf_counter() - self.t_start,
         }
-        return Snapshot(self.round, tensors, state)
+        return Part(tensors, state)
 
-    def restore(self, snap: Snapshot) -> None:
-        t, s = snap.tensors, snap.state
+    def restore(self, snap: Snapshot) -> int:
+        """Continue from `snap`, one part at a time; returns the metrics.jsonl records it covers."""
+        run = snap.parts["state"]()
+        t, s = run.tensors, run.meta
         for i, fed in enumerate(self.feds):
-            for name, st in fed.states.items():
-                key = f"{i}/{name}"
-                st.params = t[f"{key}/params"].clone()
-                if st.server_opt is not None:
-                    prefix = f"{key}/server/"
-                    st.server_opt.load_state_dict({k[len(prefix) :]: v for k, v in t.items() if k.startswith(prefix)})
-                for qname in ("to_aggregate", "to_route"):
-                    meta = s["queues"][key][qname]
-                    queue = [
-                        Residual(t[f"{key}/{qname}/{j}"].clone(), int(pos), str(origin))
-                        for j, (pos, origin) in enumerate(meta)
-                    ]
-                    setattr(st, qname, queue)
-        for name, opt in self.trainer.opts.items():
-            template = opt.state_dict()
-            states: dict[int, dict[str, Tensor]] = {}
-            prefix = f"adam/{name}/"
-            for k, v in t.items():
-                if k.startswith(prefix):
-                    idx, field = k[len(prefix) :].split("/")
-                    states.setdefault(int(idx), {})[field] = v.clone()
-            opt.load_state_dict({"state": states, "param_groups": template["param_groups"]})
+            for k, name in enumerate(fed.tree.order):
+                with fed.states.use(name) as st:
+                    load_state(st, snap.parts[f"node-{i}-{k}"]())
+        for k, name in enumerate(self.trainer.opts):
+            self.trainer.set_adam_state(name, snap.parts[f"adam-{k}"]())
         for name, sampler in self.trainer.samplers.items():
             sampler.set_state(s["samplers"][name])
         for i, priv in self.privacy.items():
@@ -401,11 +469,24 @@ class LocalRun:
         self.edge_bytes = dict(s["edge_bytes"])
         self.val = s["val"]
         self.elapsed_before = float(s["wall_seconds"])
+        return int(s["metrics_lines"])
 
     # ------------------------------------------------------------------ driver
 
+    @property
+    def steps_per_round(self) -> int:
+        """Training steps of all nodes in one round (each node's local steps times its visits)."""
+        return sum(
+            f.opts.local_steps[n] * trainings_per_round(f.tree, n, f.opts) for f in self.feds for n in f.tree.order
+        )
+
     def execute(self, resume: bool = False, warn: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
-        """Run (or continue) all rounds, checkpointing each; then test, save models and summary.json."""
+        """Run (or continue) all rounds, checkpointing each; then test, save models and summary.json.
+
+        Each round's wall seconds, split into phases (see `run_round` and `LocalTrainer`; plus
+        "evaluation" and "checkpoint"), go to `timing.jsonl` and `round_seconds`; `other` is the
+        time in no phase (metrics, progress).
+        """
         ckpt_root = self.out / "checkpoints"
         config_text = C.dumps(self.cfg)
         if resume:
@@ -415,40 +496,58 @@ class LocalRun:
                     f"{saved} differs from this config (or is missing); resume with the same config and --set "
                     "options, or start a new run directory"
                 )
-            snap = load_latest(ckpt_root, warn)
-            self.restore(snap)
-            truncate_lines(self.out / "metrics.jsonl", int(snap.state["metrics_lines"]))
+            lines = self.restore(load_latest(ckpt_root, warn))
+            truncate_lines(self.out / "metrics.jsonl", lines)
+            drop_rounds_from(self.out / "timing.jsonl", self.round)
         else:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "config.toml", config_text)
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            (self.out / "timing.jsonl").unlink(missing_ok=True)
         self.metrics = JsonlWriter(self.out / "metrics.jsonl")
-        steps_per_round = sum(
-            f.opts.local_steps[n] * trainings_per_round(f.tree, n, f.opts) for f in self.feds for n in f.tree.order
-        )
+        timing = JsonlWriter(self.out / "timing.jsonl")
         self.progress(
             {
                 "kind": "start",
                 "method": self.cfg.method,
-                "total_steps": steps_per_round * self.cfg.train.rounds,
-                "done_steps": steps_per_round * self.round,
+                "total_steps": self.steps_per_round * self.cfg.train.rounds,
+                "done_steps": self.steps_per_round * self.round,
                 "rounds": self.cfg.train.rounds,
             }
         )
+        phase = self.timer.phase
         try:
             with _graceful_stop() as stop:
                 while self.round < self.cfg.train.rounds:
                     rnd = self.round
+                    t0 = time.perf_counter()
+                    self.timer.take()  # a round's phases only
                     for i, fed in enumerate(self.feds):
                         privacy = self.privacy.get(i)
-                        run_round(fed.tree, fed.states, fed.split, fed.opts, rnd, self.trainer, self._emit, privacy)
+                        run_round(
+                            fed.tree,
+                            fed.states,
+                            fed.split,
+                            fed.opts,
+                            rnd,
+                            self.trainer,
+                            self._emit,
+                            privacy,
+                            fed.states.release,
+                            phase,
+                        )
                         if privacy is not None:
-                            self._end_privacy_round(privacy, rnd)
+                            with phase("privacy"):
+                                self._end_privacy_round(privacy, rnd)
                     if self.cfg.eval.every_round or rnd == self.cfg.train.rounds - 1:
-                        self.val = self.evaluate_all("val", rnd)
+                        with phase("evaluation"):
+                            self.val = self.evaluate_all("val", rnd)
                     self.round += 1
                     if self.round % self.cfg.checkpoint.every == 0 or stop.requested:
-                        save_checkpoint(ckpt_root, self.snapshot(), self.cfg.checkpoint.keep)
+                        with phase("checkpoint"):
+                            save_checkpoint(ckpt_root, self.snapshot(), self.cfg.checkpoint.keep)
+                    self.round_seconds.append(round_record(rnd, time.perf_counter() - t0, self.timer.take()))
+                    timing.write(self.round_seconds[-1])
                     if stop.requested and self.round < self.cfg.train.rounds:
                         raise Interrupted(
                             f"stopped after round {self.round} of {self.cfg.train.rounds} (checkpoint saved); "
@@ -457,19 +556,20 @@ class LocalRun:
             test = self.evaluate_all("test", self.cfg.train.rounds - 1)
         finally:
             self.metrics.close()
+            timing.close()
         self._save_models()
+        if self.offload is not None:  # scratch: the checkpoints hold what a resume needs
+            shutil.rmtree(self.offload)
         summary = self._summary(test)
         atomic_write_json(self.out / "summary.json", summary)
         return summary
 
     def _save_models(self) -> None:
-        for fed in self.feds:
-            models = personal_models(fed, self.cfg.eval.model)
-            for user_node, engine_node in fed.evaluates.items():
-                self.layout.load(self.model, models[engine_node])
-                tensors = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
-                path = self.out / "checkpoints" / "final" / f"{user_node}.safetensors"
-                atomic_write_bytes(path, save_safetensors(tensors))
+        for user_node, params in self.user_models():
+            self.layout.load(self.model, params)
+            tensors = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+            path = self.out / "checkpoints" / "final" / f"{user_node}.safetensors"
+            atomic_write_bytes(path, save_safetensors(tensors))
 
     def _summary(self, test: dict[str, dict[str, float]]) -> dict[str, Any]:
         ppls = np.array([test[n]["ppl"] for n in self.tree.order])
@@ -562,6 +662,19 @@ def truncate_lines(path: Path, lines: int) -> None:
     if len(kept) < lines:
         raise WorldLMError(f"{path} has fewer records than the checkpoint expects; start a new run")
     atomic_write_text(path, "".join(kept))
+
+
+def drop_rounds_from(path: Path, first_round: int) -> None:
+    """Drop timing records of rounds that a resumed run does again."""
+    if path.is_file():
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True) if line.strip()]
+        kept = [line for line in kept if json.loads(line)["round"] < first_round]
+        atomic_write_text(path, "".join(kept))
+
+
+def _node_part(states: NodeStates, name: str) -> Part:
+    with states.use(name) as st:
+        return encode_state(st)
 
 
 def run(
