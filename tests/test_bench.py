@@ -45,7 +45,7 @@ def test_round_split_sums_to_the_round(quick: tuple[Path, dict[str, Any]]) -> No
     assert all(s >= 0 for name, s in phases.items() if name != "other")
     assert phases["other"] >= -1e-4  # phases never overlap: no second counted twice
     assert sum(phases.values()) == pytest.approx(fed["round_seconds"], abs=1e-4)
-    assert 0 < fed["non_training_fraction"] < 1
+    assert 0 < fed["non_training_without_evaluation"] < fed["non_training_fraction"] < 1
 
 
 def test_training_in_round_and_bytes_ratios(quick: tuple[Path, dict[str, Any]]) -> None:

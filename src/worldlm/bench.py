@@ -316,6 +316,8 @@ def federation_round(size: BenchSize, work: Path, say: Callable[[str], None]) ->
         "round_seconds": total,
         "phases": timing,
         "non_training_fraction": round(1 - timing["training"] / total, 4),
+        # evaluation every round is a config choice (eval.every_round, eval.batches); the rest is the federation's
+        "non_training_without_evaluation": round(1 - (timing["training"] + timing.get("evaluation", 0.0)) / total, 4),
         "training": {
             "raw_tokens_per_s": round(raw, 1),
             "in_round_tokens_per_s": round(in_round, 1),
@@ -553,7 +555,8 @@ def render(r: dict[str, Any]) -> str:
     lines += [
         "",
         f"Non-training share of the round: {100 * fed['non_training_fraction']:.1f}% "
-        f"(target ≤ {100 * target['non_training_fraction']:.0f}%).",
+        f"(target ≤ {100 * target['non_training_fraction']:.0f}%); without evaluation (every round here, "
+        f"as eval.every_round; its size is eval.batches): {100 * fed['non_training_without_evaluation']:.1f}%.",
         f"Training inside the round: {tr['in_round_tokens_per_s']:,.0f} tokens/s (training + serialisation) vs the "
         f"raw loop's {tr['raw_tokens_per_s']:,.0f}: ratio {tr['in_round_vs_raw']:.3f} "
         f"(target ≥ {target['in_round_vs_raw']}).",
