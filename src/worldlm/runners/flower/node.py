@@ -54,8 +54,10 @@ from worldlm.federation.worldlm import (
 )
 from worldlm.io import atomic_write_bytes
 from worldlm.model import GPT, ParamLayout, gpt_config
+from worldlm.runners.checkpoint import Part
 from worldlm.runners.flower import wire
 from worldlm.runners.local import Federation, LocalTrainer, _server_opt_cfg, node_seed, plan, tree_from_config
+from worldlm.runners.node_state import adam_part, encode_state, load_adam, load_state
 from worldlm.train import ClientOptConfig, Schedule, TrainStats
 
 STATE_KEY = "worldlm"  # the ArrayRecord in Context.state holding this node's private state
@@ -178,26 +180,23 @@ class NodeSide:
                     node_seed(self.cfg.seed, name),
                 )
                 self.trainer.add_node(name, sampler)
-        self.groups = {name: opt.state_dict()["param_groups"] for name, opt in self.trainer.opts.items()}
 
     def dump(self) -> bytes:
-        """All private state as one safetensors blob (tensors) with a JSON header (queues, sampler positions)."""
+        """All private state as one safetensors blob: each hosted node's state and AdamW moments as the
+        in-process runner checkpoints them (`encode_state`, `adam_part`), plus what only a Flower node
+        keeps (its outbox of residuals for the parent, its children's last key layers, sampler positions)."""
         tensors: dict[str, Tensor] = {}
-        meta: dict[str, Any] = {"queues": {}, "children": {}}
+        meta: dict[str, Any] = {"states": {}, "outbox": {}, "children": {}}
         for name, h in self.hosted.items():
-            st = h.state
-            tensors[f"{name}/params"] = st.params
-            if st.server_opt is not None:
-                tensors.update({f"{name}/server/{k}": v for k, v in st.server_opt.state_dict().items()})
-            queues = {"to_aggregate": st.to_aggregate, "to_route": st.to_route, "outbox": h.outbox}
-            for qname, queue in queues.items():
-                tensors.update({f"{name}/{qname}/{j}": r.vector for j, r in enumerate(queue)})
-                meta["queues"].setdefault(name, {})[qname] = [[r.position, r.origin] for r in queue]
+            part = encode_state(h.state)
+            tensors.update({f"{name}/state/{k}": v for k, v in part.tensors.items()})
+            meta["states"][name] = part.meta
+            tensors.update({f"{name}/outbox/{j}": r.vector for j, r in enumerate(h.outbox)})
+            meta["outbox"][name] = [[r.position, r.origin] for r in h.outbox]
             tensors.update({f"{name}/child_keys/{c}": k for c, k in h.child_keys.items()})
             meta["children"][name] = list(h.child_keys)
         for name, opt in self.trainer.opts.items():
-            for idx, entry in opt.state_dict()["state"].items():
-                tensors.update({f"adam/{name}/{idx}/{k}": v for k, v in entry.items()})
+            tensors.update({f"adam/{name}/{k}": v for k, v in adam_part(opt).tensors.items()})
         meta["samplers"] = {name: s.state() for name, s in self.trainer.samplers.items()}
         header = {"meta": json.dumps(meta)}
         try:
@@ -213,29 +212,19 @@ class NodeSide:
         t = load_safetensors(blob)
         header_len = int.from_bytes(blob[:8], "little")  # safetensors: u64 length, then a JSON header
         meta = json.loads(json.loads(blob[8 : 8 + header_len])["__metadata__"]["meta"])
+
+        def prefixed(prefix: str) -> dict[str, Tensor]:
+            return {k.removeprefix(prefix): v for k, v in t.items() if k.startswith(prefix)}
+
         for name, h in self.hosted.items():
-            st = h.state
-            st.params = t[f"{name}/params"]
-            if st.server_opt is not None:
-                prefix = f"{name}/server/"
-                st.server_opt = self._server_opt(name)
-                st.server_opt.load_state_dict({k[len(prefix) :]: v for k, v in t.items() if k.startswith(prefix)})
-            queues = {
-                qname: [
-                    Residual(t[f"{name}/{qname}/{j}"], int(pos), str(origin)) for j, (pos, origin) in enumerate(items)
-                ]
-                for qname, items in meta["queues"][name].items()
-            }
-            st.to_aggregate, st.to_route, h.outbox = queues["to_aggregate"], queues["to_route"], queues["outbox"]
+            if h.state.server_opt is not None:
+                h.state.server_opt = self._server_opt(name)
+            load_state(h.state, Part(prefixed(f"{name}/state/"), meta["states"][name]))
+            outbox = meta["outbox"][name]
+            h.outbox = [Residual(t[f"{name}/outbox/{j}"], int(pos), str(o)) for j, (pos, o) in enumerate(outbox)]
             h.child_keys = {c: t[f"{name}/child_keys/{c}"] for c in meta["children"][name]}
         for name, opt in self.trainer.opts.items():
-            states: dict[int, dict[str, Tensor]] = {}
-            prefix = f"adam/{name}/"
-            for k, v in t.items():
-                if k.startswith(prefix):
-                    idx, key = k[len(prefix) :].split("/")
-                    states.setdefault(int(idx), {})[key] = v
-            opt.load_state_dict({"state": states, "param_groups": self.groups[name]})
+            load_adam(opt, Part(prefixed(f"adam/{name}/"), {}))
         for name, sampler in self.trainer.samplers.items():
             sampler.set_state(meta["samplers"][name])
 
