@@ -29,7 +29,7 @@ from torch import Tensor
 
 from worldlm import config as C
 from worldlm.data.mixture import BatchSampler, Span, assign_shards, eval_windows
-from worldlm.data.prepared import load_prepared
+from worldlm.data.prepared import Prepared, load_prepared
 from worldlm.errors import WorldLMError
 from worldlm.evaluate import evaluate
 from worldlm.federation.privacy import DPSettings, Privacy
@@ -243,6 +243,11 @@ def node_seed(seed: int, name: str) -> int:
     return int(np.random.SeedSequence([seed, zlib.crc32(name.encode())]).generate_state(1)[0])
 
 
+def node_sampler(cfg: C.Config, data: Prepared, fed: Federation, name: str) -> BatchSampler:
+    """A training node's batches: its shards, seeded by the run seed and its name (the same in every runner)."""
+    return BatchSampler(data, fed.spans[name], cfg.model.seq_len, cfg.train.batch_size, node_seed(cfg.seed, name))
+
+
 class Interrupted(WorldLMError):
     """SIGINT/SIGTERM: the run stopped at a round boundary after writing a checkpoint."""
 
@@ -324,14 +329,7 @@ class LocalRun:
                 fed.states[name] = NodeState(params=init.clone(), server_opt=self._server_opt_for(fed, name))
                 fed.states.release(name)
                 if node.trains:
-                    sampler = BatchSampler(
-                        self.data,
-                        fed.spans[name],
-                        self.cfg.model.seq_len,
-                        self.cfg.train.batch_size,
-                        node_seed(self.cfg.seed, name),
-                    )
-                    self.trainer.add_node(name, sampler)
+                    self.trainer.add_node(name, node_sampler(self.cfg, self.data, fed, name))
 
     # ------------------------------------------------------------------ observability
 

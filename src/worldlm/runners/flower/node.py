@@ -32,7 +32,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from worldlm import config as C
-from worldlm.data.mixture import BatchSampler, assign_shards, eval_windows
+from worldlm.data.mixture import assign_shards, eval_windows
 from worldlm.data.prepared import load_prepared
 from worldlm.errors import WorldLMError
 from worldlm.evaluate import evaluate
@@ -56,7 +56,7 @@ from worldlm.io import atomic_write_bytes
 from worldlm.model import GPT, ParamLayout, gpt_config
 from worldlm.runners.checkpoint import Part
 from worldlm.runners.flower import wire
-from worldlm.runners.local import Federation, LocalTrainer, _server_opt_cfg, node_seed, plan, tree_from_config
+from worldlm.runners.local import Federation, LocalTrainer, _server_opt_cfg, node_sampler, plan, tree_from_config
 from worldlm.runners.node_state import adam_part, encode_state, load_adam, load_state
 from worldlm.train import ClientOptConfig, Schedule, TrainStats
 
@@ -172,14 +172,7 @@ class NodeSide:
                 h.child_keys = {c: fed.split.keys(self.init).clone() for c in node.children}
             self.hosted[name] = h
             if node.trains:
-                sampler = BatchSampler(
-                    self.data,
-                    fed.spans[name],
-                    self.cfg.model.seq_len,
-                    self.cfg.train.batch_size,
-                    node_seed(self.cfg.seed, name),
-                )
-                self.trainer.add_node(name, sampler)
+                self.trainer.add_node(name, node_sampler(self.cfg, self.data, fed, name))
 
     def dump(self) -> bytes:
         """All private state as one safetensors blob: each hosted node's state and AdamW moments as the
