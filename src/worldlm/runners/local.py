@@ -248,6 +248,22 @@ def node_sampler(cfg: C.Config, data: Prepared, fed: Federation, name: str) -> B
     return BatchSampler(data, fed.spans[name], cfg.model.seq_len, cfg.train.batch_size, node_seed(cfg.seed, name))
 
 
+def train_record(rnd: int, level: int, node: str, end_step: int, stats: TrainStats) -> dict[str, Any]:
+    """The metrics.jsonl record of one node's local training (4.i); stage = tree level + 1."""
+    return {
+        "round": rnd,
+        "stage": level + 1,
+        "node": node,
+        "split": "train",
+        "loss": stats.loss,
+        "ppl": math.exp(min(stats.loss, 50.0)),
+        "tokens": stats.tokens,
+        "seconds": round(stats.seconds, 4),
+        "tokens_per_s": round(stats.tokens / stats.seconds, 1),
+        "step": end_step,
+    }
+
+
 class Interrupted(WorldLMError):
     """SIGINT/SIGTERM: the run stopped at a round boundary after writing a checkpoint."""
 
@@ -338,20 +354,7 @@ class LocalRun:
         self.metrics.write(record)
 
     def _on_train(self, node: str, start_step: int, n_steps: int, stats: TrainStats) -> None:
-        self._write(
-            {
-                "round": self.round,
-                "stage": self.level[node] + 1,
-                "node": node,
-                "split": "train",
-                "loss": stats.loss,
-                "ppl": math.exp(min(stats.loss, 50.0)),
-                "tokens": stats.tokens,
-                "seconds": round(stats.seconds, 4),
-                "tokens_per_s": round(stats.tokens / stats.seconds, 1),
-                "step": start_step + n_steps,
-            }
-        )
+        self._write(train_record(self.round, self.level[node], node, start_step + n_steps, stats))
 
     def _on_step(self, node: str, step: int, loss: float) -> None:
         tokens = self.cfg.train.batch_size * self.cfg.model.seq_len

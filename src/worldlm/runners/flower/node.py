@@ -16,7 +16,6 @@ uses), so a node does exactly what the in-process runner does for it.
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import time
 from collections import OrderedDict
@@ -56,7 +55,15 @@ from worldlm.io import atomic_write_bytes
 from worldlm.model import GPT, ParamLayout, gpt_config
 from worldlm.runners.checkpoint import Part
 from worldlm.runners.flower import wire
-from worldlm.runners.local import Federation, LocalTrainer, _server_opt_cfg, node_sampler, plan, tree_from_config
+from worldlm.runners.local import (
+    Federation,
+    LocalTrainer,
+    _server_opt_cfg,
+    node_sampler,
+    plan,
+    train_record,
+    tree_from_config,
+)
 from worldlm.runners.node_state import adam_part, encode_state, load_adam, load_state
 from worldlm.train import ClientOptConfig, Schedule, TrainStats
 
@@ -263,20 +270,7 @@ class NodeSide:
             h.state.params = self.trainer.train(node, h.state.params, step, n_steps)
             stats = self.last_stats
             assert stats is not None
-            log.append(
-                {
-                    "round": rnd,
-                    "stage": tree[node].level + 1,
-                    "node": node,
-                    "split": "train",
-                    "loss": stats.loss,
-                    "ppl": math.exp(min(stats.loss, 50.0)),
-                    "tokens": stats.tokens,
-                    "seconds": round(stats.seconds, 4),
-                    "tokens_per_s": round(stats.tokens / stats.seconds, 1),
-                    "step": step + n_steps,
-                }
-            )
+            log.append(train_record(rnd, tree[node].level, node, step + n_steps, stats))
         reply = RecordDict()
         children = list(tree[node].children)
         if not children:  # a leaf's visit ends here: its update goes up
