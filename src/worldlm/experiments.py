@@ -337,9 +337,10 @@ def run_experiment(
     command = command_line(Path(path), out_root, overrides)
     if report_only:
         report = write_report(exp, specs, out_dir, command)
+        complete = sum(map(is_complete, specs))
         if not quiet:
-            console.print(f"report of {sum(map(is_complete, specs))} complete runs of {len(specs)}: {report}")
-        return ExperimentResult(report, 0, len(specs))
+            console.print(f"report of {complete} complete runs of {len(specs)}: {report}")
+        return ExperimentResult(report, 0, complete)
     try:
         ran, skipped, failures = _run_grid(select_runs(exp, specs, variants, seeds), quiet)
     except Interrupted as exc:  # the runner stopped at a round boundary: keep what is complete
