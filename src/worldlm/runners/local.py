@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -101,6 +101,14 @@ def make_privacy(cfg: C.Config, fed: Federation) -> Privacy | None:
 
 def _server_opt_cfg(s: C.ServerOptSettings) -> ServerOptConfig:
     return ServerOptConfig(kind=s.kind, lr=s.lr, momentum=s.momentum, beta1=s.beta1, beta2=s.beta2, tau=s.tau)
+
+
+def server_opt_for(cfg: C.Config, fed: Federation, name: str) -> ServerOpt | None:
+    """A fresh server optimizer for an inner node (its own settings, else federation.server_opt); None for a leaf."""
+    if not fed.tree[name].children:
+        return None
+    own = next((n.server_opt for n in cfg.tree.nodes if n.name == name and n.server_opt), None)
+    return make_server_opt(_server_opt_cfg(own or cfg.federation.server_opt))
 
 
 def _single(name: str, spans: list[Span]) -> Tree:
@@ -264,6 +272,108 @@ def train_record(rnd: int, level: int, node: str, end_step: int, stats: TrainSta
     }
 
 
+def eval_record(rnd: int, node: str, split: str, loss: float, ppl: float, tokens: int, step: int) -> dict[str, Any]:
+    """The metrics.jsonl record of one node's personalised evaluation (stage None: not a training stage)."""
+    return {
+        "round": rnd,
+        "stage": None,
+        "node": node,
+        "split": split,
+        "loss": loss,
+        "ppl": ppl,
+        "tokens": tokens,
+        "step": step,
+    }
+
+
+def run_summary(
+    cfg: C.Config,
+    order: Sequence[str],
+    test: dict[str, dict[str, float]],
+    val: dict[str, dict[str, float]],
+    edges: dict[str, int],
+    sequential_steps: int,
+    model: tuple[int, int],
+    wall_seconds: float,
+) -> dict[str, Any]:
+    """summary.json (DESIGN §4 run directory contract) for every runner; `model` = (parameters, key blocks).
+
+    A node without a test result (a Flower node that never answered) gets None values, is left out
+    of the mean and is listed under "missing_nodes".
+    """
+    ppls = np.array([test[n]["ppl"] for n in order if n in test])
+
+    def sent(n: str) -> int:
+        return sum(v for k, v in edges.items() if k.split("->")[0] == n)
+
+    def received(n: str) -> int:
+        return sum(v for k, v in edges.items() if k.split("->")[1] == n)
+
+    summary: dict[str, Any] = {
+        "name": cfg.name,
+        "method": cfg.method,
+        "seed": cfg.seed,
+        "nodes": {
+            n: {
+                "ppl": test[n]["ppl"] if n in test else None,
+                "loss": test[n]["loss"] if n in test else None,
+                "val_ppl": val[n]["ppl"] if n in val else None,
+                "bytes_sent": sent(n),
+                "bytes_received": received(n),
+            }
+            for n in order
+        },
+        "mean_ppl": float(ppls.mean()),
+        "std_ppl": float(ppls.std()),
+        "rounds": cfg.train.rounds,
+        "sequential_steps": sequential_steps,
+        "parameters": model[0],
+        "key_blocks": model[1],
+        "bytes_per_edge": dict(sorted(edges.items())),
+        "bytes_total": sum(edges.values()),
+        "bytes_per_value": BYTES_PER_VALUE,
+        "wall_seconds": round(wall_seconds, 2),
+    }
+    if missing := [n for n in order if n not in test]:
+        summary["missing_nodes"] = missing
+    return summary
+
+
+@dataclass
+class RunSetup:
+    """What every runner (in-process, each Flower node) builds alike from a config and its data."""
+
+    tree: Tree
+    spans: dict[str, list[Span]]
+    model: GPT  # the same initial weights everywhere: seeded from cfg.seed just before it is built
+    layout: ParamLayout
+    feds: list[Federation]
+    per_round: int  # sequential steps of one global round
+    schedule: Schedule  # one LR clock over all sequential steps (DESIGN §2)
+    client: ClientOptConfig
+
+
+def set_up(cfg: C.Config, data: Prepared) -> RunSetup:
+    tree = tree_from_config(cfg)
+    train_sizes = {src: data.splits[src]["train"].tokens for src in data.sources}
+    spans = assign_shards(tree, train_sizes, cfg.data.leaf_shards, cfg.data.inner_shards)
+    torch.manual_seed(cfg.seed)
+    model = GPT(gpt_config(cfg.model.preset, data.vocab_size, cfg.model.seq_len))
+    layout = ParamLayout(model, C.key_blocks(cfg) if cfg.method in ("worldlm", "fedper") else 0)
+    feds = plan(cfg, tree, spans, layout)
+    per_round = sequential_span(feds[0].tree, feds[0].tree.root, feds[0].opts)
+    t = cfg.train
+    total_seq = per_round * t.rounds
+    schedule = Schedule(
+        t.lr_max,
+        t.lr_alpha,
+        t.warmup_steps if t.warmup_steps >= 0 else max(1, total_seq // 10),
+        t.total_steps if t.total_steps >= 0 else total_seq,
+    )
+    client = ClientOptConfig(t.weight_decay, t.beta1, t.beta2, t.grad_clip)
+    return RunSetup(tree, spans, model, layout, feds, per_round, schedule, client)
+
+
 class Interrupted(WorldLMError):
     """SIGINT/SIGTERM: the run stopped at a round boundary after writing a checkpoint."""
 
@@ -278,39 +388,21 @@ class LocalRun:
         self.progress = progress or (lambda _e: None)
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
-        self.tree = tree_from_config(cfg)
         self.data = load_prepared(cfg.data.path)
-        train_sizes = {src: self.data.splits[src]["train"].tokens for src in self.data.sources}
-        self.spans = assign_shards(self.tree, train_sizes, cfg.data.leaf_shards, cfg.data.inner_shards)
-        torch.manual_seed(cfg.seed)
-        self.model = GPT(gpt_config(cfg.model.preset, self.data.vocab_size, cfg.model.seq_len))
-        key_blocks = C.key_blocks(cfg) if cfg.method in ("worldlm", "fedper") else 0
-        self.layout = ParamLayout(self.model, key_blocks)
-        self.feds = plan(cfg, self.tree, self.spans, self.layout)
+        setup = set_up(cfg, self.data)
+        self.tree, self.spans, self.feds = setup.tree, setup.spans, setup.feds
+        self.model, self.layout = setup.model, setup.layout
         self.timer = PhaseTimer()
         self.offload = out / "offload" if cfg.federation.offload_states else None
         if self.offload is not None:  # federation.offload_states: node states in files between uses
             for i, fed in enumerate(self.feds):
-                fed.states = DiskStates(self.offload / str(i), partial(self._server_opt_for, fed), self.timer.phase)
+                fed.states = DiskStates(self.offload / str(i), partial(server_opt_for, self.cfg, fed), self.timer.phase)
         # DP per federation index (only federations holding dp-flagged nodes with a parent)
         self.privacy = {i: p for i, fed in enumerate(self.feds) if (p := make_privacy(cfg, fed)) is not None}
-        first = self.feds[0]
-        self.per_round = sequential_span(first.tree, first.tree.root, first.opts)
+        self.per_round = setup.per_round
         self.total_seq = self.per_round * cfg.train.rounds
-        t = cfg.train
-        schedule = Schedule(
-            t.lr_max,
-            t.lr_alpha,
-            t.warmup_steps if t.warmup_steps >= 0 else max(1, self.total_seq // 10),
-            t.total_steps if t.total_steps >= 0 else self.total_seq,
-        )
         self.trainer = LocalTrainer(
-            self.model,
-            self.layout,
-            ClientOptConfig(t.weight_decay, t.beta1, t.beta2, t.grad_clip),
-            schedule,
-            self.offload,
-            self.timer.phase,
+            self.model, self.layout, setup.client, setup.schedule, self.offload, self.timer.phase
         )
         self.trainer.on_train, self.trainer.on_step = self._on_train, self._on_step
         self._init_nodes()
@@ -328,13 +420,6 @@ class LocalRun:
         self.t_start = time.perf_counter()
         self.elapsed_before = 0.0  # wall seconds of earlier sessions of a resumed run
 
-    def _server_opt_for(self, fed: Federation, name: str) -> ServerOpt | None:
-        """A fresh server optimizer for an inner node (its own settings, else federation.server_opt)."""
-        if not fed.tree[name].children:
-            return None
-        own = next((n.server_opt for n in self.cfg.tree.nodes if n.name == name and n.server_opt), None)
-        return make_server_opt(_server_opt_cfg(own or self.cfg.federation.server_opt))
-
     def _init_nodes(self) -> None:
         init = self.layout.flatten(self.model)
         self.level: dict[str, int] = {}
@@ -342,7 +427,7 @@ class LocalRun:
             for name in fed.tree.order:
                 node = fed.tree[name]
                 self.level[name] = node.level
-                fed.states[name] = NodeState(params=init.clone(), server_opt=self._server_opt_for(fed, name))
+                fed.states[name] = NodeState(params=init.clone(), server_opt=server_opt_for(self.cfg, fed, name))
                 fed.states.release(name)
                 if node.trains:
                     self.trainer.add_node(name, node_sampler(self.cfg, self.data, fed, name))
@@ -400,18 +485,8 @@ class LocalRun:
             windows = self.windows[(user_node, split)]
             loss, ppl = evaluate(self.model, windows, self.cfg.eval.batch_size)
             results[user_node] = {"loss": loss, "ppl": ppl}
-            self._write(
-                {
-                    "round": rnd,
-                    "stage": None,
-                    "node": user_node,
-                    "split": split,
-                    "loss": loss,
-                    "ppl": ppl,
-                    "tokens": int(windows[:, 1:].numel()),
-                    "step": (rnd + 1) * self.per_round,
-                }
-            )
+            tokens = int(windows[:, 1:].numel())
+            self._write(eval_record(rnd, user_node, split, loss, ppl, tokens, (rnd + 1) * self.per_round))
         self.progress({"kind": "eval", "split": split, "round": rnd, "results": results})
         return results
 
@@ -573,41 +648,10 @@ class LocalRun:
             atomic_write_bytes(path, save_safetensors(tensors))
 
     def _summary(self, test: dict[str, dict[str, float]]) -> dict[str, Any]:
-        ppls = np.array([test[n]["ppl"] for n in self.tree.order])
-        edges = self.edge_bytes
-
-        def sent(n: str) -> int:
-            return sum(v for k, v in edges.items() if k.split("->")[0] == n)
-
-        def received(n: str) -> int:
-            return sum(v for k, v in edges.items() if k.split("->")[1] == n)
-
-        return {
-            "name": self.cfg.name,
-            "method": self.cfg.method,
-            "seed": self.cfg.seed,
-            "nodes": {
-                n: {
-                    "ppl": test[n]["ppl"],
-                    "loss": test[n]["loss"],
-                    "val_ppl": self.val[n]["ppl"],
-                    "bytes_sent": sent(n),
-                    "bytes_received": received(n),
-                }
-                for n in self.tree.order
-            },
-            "mean_ppl": float(ppls.mean()),
-            "std_ppl": float(ppls.std()),
-            "rounds": self.cfg.train.rounds,
-            "sequential_steps": self.total_seq,
-            "parameters": self.model.num_params(),
-            "key_blocks": self.layout.key_blocks,
-            "bytes_per_edge": dict(sorted(edges.items())),
-            "bytes_total": sum(edges.values()),
-            "bytes_per_value": BYTES_PER_VALUE,
-            "wall_seconds": round(self.elapsed_before + time.perf_counter() - self.t_start, 2),
-            **self._privacy_summary(),
-        }
+        wall = self.elapsed_before + time.perf_counter() - self.t_start
+        parts = (self.model.num_params(), self.layout.key_blocks)
+        summary = run_summary(self.cfg, self.tree.order, test, self.val, self.edge_bytes, self.total_seq, parts, wall)
+        return {**summary, **self._privacy_summary()}
 
     def _privacy_summary(self) -> dict[str, Any]:
         """DP runs only (DESIGN §4 run directory contract): epsilon per DP node at the configured delta."""

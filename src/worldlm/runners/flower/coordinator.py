@@ -26,19 +26,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from worldlm import config as C
 from worldlm.errors import WorldLMError
 from worldlm.federation.tree import Tree
-from worldlm.federation.worldlm import BYTES_PER_VALUE, Split, edge_event, sequential_span, trainings_per_round
+from worldlm.federation.worldlm import Split, edge_event, sequential_span, trainings_per_round
 from worldlm.io import JsonlWriter, atomic_write_json, atomic_write_text
 from worldlm.model import ParamLayout
 from worldlm.runners.flower import wire
 from worldlm.runners.flower.node import check_supported, host_of
-from worldlm.runners.local import Federation, plan, tree_from_config
+from worldlm.runners.local import Federation, eval_record, plan, run_summary, tree_from_config
 
 ProgressFn = Callable[[dict[str, Any]], None]
 LogFn = Callable[[str], None]
@@ -267,6 +266,15 @@ def engine_plan(cfg: C.Config, tree: Tree, sizes: _Sizes | None = None) -> list[
     return plan(cfg, tree, {n: [] for n in tree.order}, layout)
 
 
+def step_events(record: dict[str, Any], local_steps: dict[str, int], cfg: C.Config) -> list[dict[str, Any]]:
+    """Progress events for a metrics record: one per local step of a `train` record (it carries the last step)."""
+    if record.get("split") != "train":
+        return []
+    n, tokens = local_steps.get(str(record["node"]), 0), cfg.train.batch_size * cfg.model.seq_len
+    node, loss, last = record["node"], record["loss"], int(record["step"])
+    return [{"kind": "step", "node": node, "step": last - n + i, "loss": loss, "tokens": tokens} for i in range(n)]
+
+
 def steps_per_round(feds: list[Federation]) -> int:
     return sum(f.opts.local_steps[n] * trainings_per_round(f.tree, n, f.opts) for f in feds for n in f.tree.order)
 
@@ -320,13 +328,8 @@ class Coordinator:
     def _node_log(self, reply: Message) -> None:
         for record in wire.json_from(reply.content, "log") or []:
             self._write(record)
-            if record.get("split") == "train":
-                tokens = self.cfg.train.batch_size * self.cfg.model.seq_len
-                n = self.feds_steps.get(str(record["node"]), 0)
-                for i in range(n):
-                    step = int(record["step"]) - n + i
-                    event = {"kind": "step", "node": record["node"], "step": step, "loss": record["loss"]}
-                    self.progress({**event, "tokens": tokens})
+            for event in step_events(record, self.feds_steps, self.cfg):
+                self.progress(event)
 
     # ------------------------------------------------------------------ one round, by messages
 
@@ -421,18 +424,8 @@ class Coordinator:
                 if user not in results:
                     continue
                 r = results[user]
-                self._write(
-                    {
-                        "round": rnd,
-                        "stage": None,
-                        "node": user,
-                        "split": split,
-                        "loss": r["loss"],
-                        "ppl": r["ppl"],
-                        "tokens": int(r["tokens"]),
-                        "step": (rnd + 1) * self.per_round,
-                    }
-                )
+                step = (rnd + 1) * self.per_round
+                self._write(eval_record(rnd, user, split, r["loss"], r["ppl"], int(r["tokens"]), step))
         shown = {u: {"loss": r["loss"], "ppl": r["ppl"]} for u, r in results.items()}
         self.progress({"kind": "eval", "split": split, "round": rnd, "results": shown})
         return shown
@@ -492,45 +485,8 @@ class Coordinator:
     def _summary(
         self, test: dict[str, dict[str, float]], val: dict[str, dict[str, float]], params: int, kb: int, wall: float
     ) -> dict[str, Any]:
-        """summary.json exactly as LocalRun writes it; nodes that never answered the test are listed as missing."""
-        names = list(self.tree.order)
-        missing = [n for n in names if n not in test]
-        if len(missing) == len(names):
+        """summary.json as LocalRun writes it; nodes that never answered the test are listed as missing."""
+        if not test:
             raise WorldLMError("no node answered the final evaluation; no summary")
-        ppls = np.array([test[n]["ppl"] for n in names if n in test])
-        edges = self.edge_bytes
-
-        def sent(n: str) -> int:
-            return sum(v for k, v in edges.items() if k.split("->")[0] == n)
-
-        def received(n: str) -> int:
-            return sum(v for k, v in edges.items() if k.split("->")[1] == n)
-
-        summary: dict[str, Any] = {
-            "name": self.cfg.name,
-            "method": self.cfg.method,
-            "seed": self.cfg.seed,
-            "nodes": {
-                n: {
-                    "ppl": test[n]["ppl"] if n in test else None,
-                    "loss": test[n]["loss"] if n in test else None,
-                    "val_ppl": val[n]["ppl"] if n in val else None,
-                    "bytes_sent": sent(n),
-                    "bytes_received": received(n),
-                }
-                for n in names
-            },
-            "mean_ppl": float(ppls.mean()),
-            "std_ppl": float(ppls.std()),
-            "rounds": self.cfg.train.rounds,
-            "sequential_steps": self.per_round * self.cfg.train.rounds,
-            "parameters": params,
-            "key_blocks": kb,
-            "bytes_per_edge": dict(sorted(edges.items())),
-            "bytes_total": sum(edges.values()),
-            "bytes_per_value": BYTES_PER_VALUE,
-            "wall_seconds": round(wall, 2),
-        }
-        if missing:
-            summary["missing_nodes"] = missing
-        return summary
+        steps = self.per_round * self.cfg.train.rounds
+        return run_summary(self.cfg, self.tree.order, test, val, self.edge_bytes, steps, (params, kb), wall)

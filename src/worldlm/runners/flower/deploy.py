@@ -33,7 +33,7 @@ import tomli_w
 from worldlm import config as C
 from worldlm.errors import WorldLMError
 from worldlm.runners.flower import FLOWER_ENV, require_flower
-from worldlm.runners.flower.coordinator import ProgressFn, engine_plan, steps_per_round
+from worldlm.runners.flower.coordinator import ProgressFn, engine_plan, step_events, steps_per_round
 from worldlm.runners.flower.node import check_supported
 from worldlm.runners.local import tree_from_config
 
@@ -234,12 +234,9 @@ class _Follower:
         self.offset += end
         for line in data[:end].splitlines():
             rec = json.loads(line)
-            if rec.get("split") == "train":
-                n = self.steps.get(str(rec["node"]), 1)
-                tokens = self.cfg.train.batch_size * self.cfg.model.seq_len
-                for _ in range(n):
-                    self.progress({"kind": "step", "node": rec["node"], "loss": rec["loss"], "tokens": tokens})
-            elif rec.get("split") in ("val", "test"):
+            for event in step_events(rec, self.steps, self.cfg):
+                self.progress(event)
+            if rec.get("split") in ("val", "test"):
                 key = (int(rec["round"]), str(rec["split"]))
                 self.evals.setdefault(key, {})[rec["node"]] = {"loss": rec["loss"], "ppl": rec["ppl"]}
                 if len(self.evals[key]) == len(self.cfg.tree.nodes):

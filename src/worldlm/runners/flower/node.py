@@ -31,11 +31,10 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from worldlm import config as C
-from worldlm.data.mixture import assign_shards, eval_windows
+from worldlm.data.mixture import eval_windows
 from worldlm.data.prepared import load_prepared
 from worldlm.errors import WorldLMError
 from worldlm.evaluate import evaluate
-from worldlm.federation.server_opt import ServerOpt, make_server_opt
 from worldlm.federation.tree import Tree
 from worldlm.federation.worldlm import (
     NodeState,
@@ -49,23 +48,21 @@ from worldlm.federation.worldlm import (
     receive_from_parent,
     route_event,
     route_pending,
-    sequential_span,
 )
 from worldlm.io import atomic_write_bytes
-from worldlm.model import GPT, ParamLayout, gpt_config
 from worldlm.runners.checkpoint import Part
 from worldlm.runners.flower import wire
 from worldlm.runners.local import (
     Federation,
     LocalTrainer,
-    _server_opt_cfg,
     node_sampler,
-    plan,
+    server_opt_for,
+    set_up,
     train_record,
     tree_from_config,
 )
 from worldlm.runners.node_state import adam_part, encode_state, load_adam, load_state
-from worldlm.train import ClientOptConfig, Schedule, TrainStats
+from worldlm.train import TrainStats
 
 STATE_KEY = "worldlm"  # the ArrayRecord in Context.state holding this node's private state
 
@@ -129,24 +126,9 @@ class NodeSide:
         if name not in self.tree.nodes:
             raise WorldLMError(f"node-name '{name}' is not a node of the config's tree ({', '.join(self.tree.order)})")
         self.data = load_prepared(data_path or cfg.data.path)
-        train_sizes = {src: self.data.splits[src]["train"].tokens for src in self.data.sources}
-        self.spans = assign_shards(self.tree, train_sizes, cfg.data.leaf_shards, cfg.data.inner_shards)
-        torch.manual_seed(cfg.seed)  # every node builds the same initial model as the in-process runner
-        self.model = GPT(gpt_config(cfg.model.preset, self.data.vocab_size, cfg.model.seq_len))
-        key_blocks = C.key_blocks(cfg) if cfg.method in ("worldlm", "fedper") else 0
-        self.layout = ParamLayout(self.model, key_blocks)
-        self.feds = plan(cfg, self.tree, self.spans, self.layout)
-        first = self.feds[0]
-        self.per_round = sequential_span(first.tree, first.tree.root, first.opts)
-        t = cfg.train
-        total_seq = self.per_round * t.rounds
-        self.schedule = Schedule(
-            t.lr_max,
-            t.lr_alpha,
-            t.warmup_steps if t.warmup_steps >= 0 else max(1, total_seq // 10),
-            t.total_steps if t.total_steps >= 0 else total_seq,
-        )
-        self.client = ClientOptConfig(t.weight_decay, t.beta1, t.beta2, t.grad_clip)
+        setup = set_up(cfg, self.data)  # every node builds the same initial model as the in-process runner
+        self.spans, self.model, self.layout, self.feds = setup.spans, setup.model, setup.layout, setup.feds
+        self.schedule, self.client = setup.schedule, setup.client
         self.init = self.layout.flatten(self.model)
         self.engine: dict[str, Federation] = {
             n: fed for fed in self.feds for n in fed.tree.order if host_of(n, self.tree) == name
@@ -162,10 +144,6 @@ class NodeSide:
 
     # ------------------------------------------------------------------ private state
 
-    def _server_opt(self, name: str) -> ServerOpt:
-        own = next((n.server_opt for n in self.cfg.tree.nodes if n.name == name and n.server_opt), None)
-        return make_server_opt(_server_opt_cfg(own or self.cfg.federation.server_opt))
-
     def reset(self) -> None:
         """The state before round 0 (what every node holds in the in-process runner at start)."""
         self.trainer = LocalTrainer(self.model, self.layout, self.client, self.schedule)
@@ -173,7 +151,7 @@ class NodeSide:
         self.hosted: dict[str, Hosted] = {}
         for name, fed in self.engine.items():
             node = fed.tree[name]
-            st = NodeState(params=self.init.clone(), server_opt=self._server_opt(name) if node.children else None)
+            st = NodeState(params=self.init.clone(), server_opt=server_opt_for(self.cfg, fed, name))
             h = Hosted(fed, name, st)
             if node.children and fed.split.key_blocks:  # round 0: the children hold the initial model
                 h.child_keys = {c: fed.split.keys(self.init).clone() for c in node.children}
@@ -218,7 +196,7 @@ class NodeSide:
 
         for name, h in self.hosted.items():
             if h.state.server_opt is not None:
-                h.state.server_opt = self._server_opt(name)
+                h.state.server_opt = server_opt_for(self.cfg, h.fed, name)
             load_state(h.state, Part(prefixed(f"{name}/state/"), meta["states"][name]))
             outbox = meta["outbox"][name]
             h.outbox = [Residual(t[f"{name}/outbox/{j}"], int(pos), str(o)) for j, (pos, o) in enumerate(outbox)]
