@@ -32,6 +32,7 @@ import tomli_w
 
 from worldlm import config as C
 from worldlm.errors import WorldLMError
+from worldlm.io import atomic_write_text
 from worldlm.runners.flower import FLOWER_ENV, require_flower
 from worldlm.runners.flower.coordinator import ProgressFn, engine_plan, step_events, steps_per_round
 from worldlm.runners.flower.node import check_supported
@@ -70,14 +71,14 @@ def write_app(dest: Path) -> Path:
     """The Flower app directory `flwr run` bundles (also what a multi-host user runs)."""
     app = dest / "worldlm-app"
     app.mkdir(parents=True, exist_ok=True)
-    (app / "pyproject.toml").write_text(APP_PYPROJECT, encoding="utf-8")
+    atomic_write_text(app / "pyproject.toml", APP_PYPROJECT)
     return app
 
 
 def write_run_config(path: Path, cfg: C.Config, out: Path, timeout: float, connect_timeout: float) -> Path:
     """The run config overrides (`flwr run ... --run-config FILE`): the resolved config travels with the run."""
     values = {"worldlm-config": C.dumps(cfg), "out": str(out), "timeout": timeout, "connect-timeout": connect_timeout}
-    path.write_text(tomli_w.dumps(values), encoding="utf-8")
+    atomic_write_text(path, tomli_w.dumps(values))
     return path
 
 
@@ -172,7 +173,7 @@ class Processes:
 
     def _write_pids(self) -> None:
         pids = {name: s.proc.pid for name, s in self.started.items() if s.proc.poll() is None}
-        self.pid_file.write_text(json.dumps(pids, indent=2) + "\n")
+        atomic_write_text(self.pid_file, json.dumps(pids, indent=2) + "\n")  # read while it changes
 
     def stop(self, name: str, grace: float = 10.0) -> None:
         s = self.started.pop(name, None)
@@ -288,10 +289,11 @@ def deploy_local(
     app = write_app(work)
     run_config = write_run_config(work / "run-config.toml", cfg, out, timeout, connect_timeout)
     port = free_port()
-    (work / "home" / "config.toml").write_text(
+    atomic_write_text(
+        work / "home" / "config.toml",
         tomli_w.dumps(
             {"superlink": {"default": CONNECTION, CONNECTION: {"address": f"127.0.0.1:{port}", "insecure": True}}}
-        )
+        ),
     )
     env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(work / "home")}
     # Flower starts its own helpers (flower-superexec, flwr-serverapp, flwr-clientapp) from PATH
