@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -119,7 +121,9 @@ def test_rerun_skips_complete_runs_and_redoes_a_stale_one(micro: Micro, runner_c
     assert runner_calls == [] and [p.stat().st_mtime_ns for p in summaries] == mtimes
     stale = micro.dir / "runs" / "default" / "worldlm" / "seed0"
     lines = len((stale / "metrics.jsonl").read_text().splitlines())
-    (stale / "summary.json").unlink()  # as if interrupted before the end
+    (stale / "summary.json").unlink()
+    config = stale / "config.toml"
+    config.write_text(config.read_text().replace("rounds = 2", "rounds = 3"))  # written by another config
     assert rerun(micro) == 0
     assert runner_calls == ["micro-default-worldlm-seed0"]
     assert len((stale / "metrics.jsonl").read_text().splitlines()) == lines  # redone from scratch, not appended
@@ -268,3 +272,43 @@ def test_a_diverged_run_reads_diverged_not_a_huge_number() -> None:
 
     assert _mean_std(math.exp(50.0), 0.0) == _mean_std(math.nan, math.nan) == "diverged"
     assert _mean_std(562.0, 74.9) == "562.00 ± 74.90" and _ratio(1.25) == "1.25×" and _ratio(math.nan) == "–"
+
+
+def test_an_interrupted_run_continues_from_its_checkpoint(
+    micro: Micro, monkeypatch: pytest.MonkeyPatch, runner_calls: list[str]
+) -> None:
+    """SIGTERM in round 0 of the first run: rerunning the command resumes it (not from scratch), same result."""
+    real_round = local.run_round
+    fired: list[int] = []
+
+    def round_then_sigterm(*args: Any, **kwargs: Any) -> None:
+        real_round(*args, **kwargs)
+        if not fired:
+            fired.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)  # the runner finishes this round, checkpoints, stops
+
+    monkeypatch.setattr(local, "run_round", round_then_sigterm)
+    out_root = micro.out_root.parent / "resumed"
+    args = ["experiment", str(micro.experiment), "--out-root", str(out_root), "--quiet", "--variants", "default"]
+    assert main(args) == 130
+    run_dir = out_root / "micro" / "runs" / "default" / "worldlm" / "seed0"
+    assert not (run_dir / "summary.json").exists() and (run_dir / "checkpoints" / "round-0001").is_dir()
+    resumed: list[bool] = []
+    real_run = local.LocalRun.execute
+
+    def recording(self: local.LocalRun, resume: bool = False, **kwargs: Any) -> dict[str, Any]:
+        resumed.append(resume)
+        return real_run(self, resume=resume, **kwargs)
+
+    monkeypatch.setattr(local.LocalRun, "execute", recording)
+    assert main(args) == 0
+    assert resumed == [True, False]  # the cut-off worldlm run continued; centralized started fresh
+    reference = micro.dir / "runs" / "default" / "worldlm" / "seed0"
+    got, want = (json.loads((d / "summary.json").read_text()) for d in (run_dir, reference))
+    assert {n: v["ppl"] for n, v in got["nodes"].items()} == {n: v["ppl"] for n, v in want["nodes"].items()}
+
+    def val_records(d: Path) -> list[tuple[str, int, float]]:
+        records = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        return [(r["node"], r["round"], r["loss"]) for r in records if r.get("split") == "val"]
+
+    assert val_records(run_dir) == val_records(reference)

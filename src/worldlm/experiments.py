@@ -1,8 +1,9 @@
 """Experiment harness (issue 5): a grid of runs (variants × methods × seeds) described in TOML.
 
 Every run goes through the one in-process runner into `<out_root>/<name>/runs/<variant>/<method>/seed<k>/`.
-A run whose summary.json exists and whose config.toml equals the resolved config is skipped, so an
-interrupted experiment resumes where it stopped; any other run directory there is stale and redone.
+A run whose summary.json exists and whose config.toml equals the resolved config is skipped; one with the
+same config.toml but no summary.json (interrupted) continues from its newest valid checkpoint, exactly as
+if it had not stopped; any other run directory there is stale and redone.
 At the end (also after failures or an interrupt) `report.md`, `report.json` and the plots are
 regenerated from the complete runs (see worldlm.experiment_report).
 
@@ -273,13 +274,36 @@ def command_line(path: Path, out_root: Path, overrides: Sequence[str]) -> str:
     return shlex.join(args)
 
 
-def _run_one(spec: RunSpec, quiet: bool) -> None:
-    from worldlm.report import progress_display
-    from worldlm.runners import local
+def _resumable(spec: RunSpec) -> bool:
+    """An interrupted run of this very config: config.toml matches and a checkpoint directory exists."""
+    from worldlm.runners.checkpoint import checkpoint_dirs
 
-    if spec.dir.exists():  # stale or incomplete: the runner appends to metrics, so start clean
-        shutil.rmtree(spec.dir)
+    config = spec.dir / "config.toml"
+    return (
+        config.is_file()
+        and config.read_text(encoding="utf-8") == C.dumps(spec.cfg)
+        and bool(checkpoint_dirs(spec.dir / "checkpoints"))
+    )
+
+
+def _run_one(spec: RunSpec, quiet: bool) -> None:
+    """Train one cell: continue an interrupted run from its checkpoint, else start it clean."""
+    from worldlm.report import console, progress_display
+    from worldlm.runners import local
+    from worldlm.runners.checkpoint import NoCheckpoint
+
+    def warn(message: str) -> None:
+        console.print(f"[yellow]{spec.label}: {message}[/]")
+
     with progress_display(quiet=quiet) as progress:
+        if _resumable(spec):
+            try:
+                local.run(spec.cfg, spec.dir, progress, resume=True, warn=warn)
+                return
+            except NoCheckpoint:
+                warn("no checkpoint verifies; starting the run again")
+        if spec.dir.exists():  # stale or unusable: the runner appends to metrics, so start clean
+            shutil.rmtree(spec.dir)
         local.run(spec.cfg, spec.dir, progress)
 
 

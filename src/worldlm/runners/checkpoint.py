@@ -33,6 +33,10 @@ PREFIX = "round-"
 FORMAT = 2  # 1: one state.safetensors + state.json (before node states could live on disk)
 
 
+class NoCheckpoint(WorldLMError):
+    """No checkpoint under a run directory verifies: the run has to start again."""
+
+
 @dataclass
 class Part:
     """One file of a checkpoint (or of a node state kept on disk): tensors and JSON-able metadata."""
@@ -118,4 +122,4 @@ def load_latest(root: Path, warn: Callable[[str], None]) -> Snapshot:
             return _load_one(path)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             warn(f"checkpoint {path} is unusable ({exc}); trying the previous one")
-    raise WorldLMError(f"no valid checkpoint under {root}; start the run again without --resume")
+    raise NoCheckpoint(f"no valid checkpoint under {root}; start the run again without --resume")
