@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import re
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
