@@ -4,6 +4,8 @@ plus unreadable data, a swapped tokenizer and a full disk."""
 from __future__ import annotations
 
 import errno
+import json
+import math
 import os
 from pathlib import Path
 
@@ -122,3 +124,21 @@ def test_full_disk_keeps_the_previous_file_and_reports_one_line(
     assert main(["train", str(cfg), "--out", str(tmp_path / "r"), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("runner", ["local", "flower-inproc"])
+def test_a_diverged_run_stops_early_with_a_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], runner: str
+) -> None:
+    """lr 1e30 makes every weight NaN in round 0: it stops after that round, says so once, writes summary.json."""
+    cfg = tiny_config(tmp_path, make_prepared(tmp_path / "data"), "worldlm")
+    out = tmp_path / "run"
+    sets = ["--set", "train.lr_max=1e30", "--set", "train.rounds=3"]
+    assert main(["train", str(cfg), *sets, "--runner", runner, "--out", str(out), "--quiet"]) == 0
+    assert capsys.readouterr().err.count("round 0: every node's training loss is NaN/inf, the run diverged") == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["diverged_round"] == 0 and summary["sequential_steps"] == 9  # 1 of 3 rounds, 3 levels x 3 steps
+    assert math.isnan(summary["mean_ppl"]) and all(math.isnan(n["ppl"]) for n in summary["nodes"].values())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"event": "diverged", "round": 0} in records
+    assert max(r["round"] for r in records if r.get("split") == "train") == 0  # nothing trained after it

@@ -286,6 +286,22 @@ def eval_record(rnd: int, node: str, split: str, loss: float, ppl: float, tokens
     }
 
 
+def all_diverged(losses: Sequence[float]) -> bool:
+    """Every node that trained this round ended with a NaN/inf loss: the run cannot recover, stop it.
+
+    A non-finite loss means non-finite weights (the step's clipped gradient is NaN), and a NaN
+    spreads through every aggregation it enters, so the remaining rounds would only burn compute.
+    """
+    return bool(losses) and not any(math.isfinite(x) for x in losses)
+
+
+def diverged_message(rnd: int, rounds: int) -> str:
+    return (
+        f"round {rnd}: every node's training loss is NaN/inf, the run diverged; stopping after round {rnd + 1} of "
+        f"{rounds} (summary.json reports NaN perplexities and diverged_round; lower train.lr_max or dp.sigma)"
+    )
+
+
 def run_summary(
     cfg: C.Config,
     order: Sequence[str],
@@ -295,11 +311,13 @@ def run_summary(
     sequential_steps: int,
     model: tuple[int, int],
     wall_seconds: float,
+    diverged_round: int | None = None,
 ) -> dict[str, Any]:
     """summary.json (DESIGN §4 run directory contract) for every runner; `model` = (parameters, key blocks).
 
     A node without a test result (a Flower node that never answered) gets None values, is left out
-    of the mean and is listed under "missing_nodes".
+    of the mean and is listed under "missing_nodes". A run stopped because it diverged (see
+    `all_diverged`) has "diverged_round" and the sequential steps it actually trained.
     """
     ppls = np.array([test[n]["ppl"] for n in order if n in test])
 
@@ -336,6 +354,8 @@ def run_summary(
     }
     if missing := [n for n in order if n not in test]:
         summary["missing_nodes"] = missing
+    if diverged_round is not None:
+        summary["diverged_round"] = diverged_round
     return summary
 
 
@@ -400,7 +420,6 @@ class LocalRun:
         # DP per federation index (only federations holding dp-flagged nodes with a parent)
         self.privacy = {i: p for i, fed in enumerate(self.feds) if (p := make_privacy(cfg, fed)) is not None}
         self.per_round = setup.per_round
-        self.total_seq = self.per_round * cfg.train.rounds
         self.trainer = LocalTrainer(
             self.model, self.layout, setup.client, setup.schedule, self.offload, self.timer.phase
         )
@@ -413,6 +432,8 @@ class LocalRun:
             for split in ("val", "test")
         }
         self.round = 0  # rounds completed
+        self.round_losses: list[float] = []  # this round's training losses, one per node visit
+        self.diverged_round: int | None = None
         self.edge_bytes: dict[str, int] = {}
         self.val: dict[str, dict[str, float]] = {}
         self.metrics: JsonlWriter | None = None
@@ -439,6 +460,7 @@ class LocalRun:
         self.metrics.write(record)
 
     def _on_train(self, node: str, start_step: int, n_steps: int, stats: TrainStats) -> None:
+        self.round_losses.append(stats.loss)
         self._write(train_record(self.round, self.level[node], node, start_step + n_steps, stats))
 
     def _on_step(self, node: str, step: int, loss: float) -> None:
@@ -598,6 +620,7 @@ class LocalRun:
                     rnd = self.round
                     t0 = time.perf_counter()
                     self.timer.take()  # a round's phases only
+                    self.round_losses = []
                     for i, fed in enumerate(self.feds):
                         privacy = self.privacy.get(i)
                         run_round(
@@ -615,6 +638,11 @@ class LocalRun:
                         if privacy is not None:
                             with phase("privacy"):
                                 self._end_privacy_round(privacy, rnd)
+                    if all_diverged(self.round_losses):
+                        self.diverged_round, self.round = rnd, rnd + 1
+                        self._write({"event": "diverged", "round": rnd})
+                        print(f"worldlm: {diverged_message(rnd, self.cfg.train.rounds)}", file=sys.stderr)
+                        break
                     if self.cfg.eval.every_round or rnd == self.cfg.train.rounds - 1:
                         with phase("evaluation"):
                             self.val = self.evaluate_all("val", rnd)
@@ -629,7 +657,7 @@ class LocalRun:
                             f"stopped after round {self.round} of {self.cfg.train.rounds} (checkpoint saved); "
                             f"continue with: worldlm train CONFIG --resume --out {self.out}"
                         )
-            test = self.evaluate_all("test", self.cfg.train.rounds - 1)
+            test = self.evaluate_all("test", self.round - 1)
         finally:
             self.metrics.close()
             timing.close()
@@ -650,7 +678,10 @@ class LocalRun:
     def _summary(self, test: dict[str, dict[str, float]]) -> dict[str, Any]:
         wall = self.elapsed_before + time.perf_counter() - self.t_start
         parts = (self.model.num_params(), self.layout.key_blocks)
-        summary = run_summary(self.cfg, self.tree.order, test, self.val, self.edge_bytes, self.total_seq, parts, wall)
+        steps = self.per_round * self.round  # all rounds, unless the run diverged and stopped early
+        summary = run_summary(
+            self.cfg, self.tree.order, test, self.val, self.edge_bytes, steps, parts, wall, self.diverged_round
+        )
         return {**summary, **self._privacy_summary()}
 
     def _privacy_summary(self) -> dict[str, Any]:

@@ -37,7 +37,15 @@ from worldlm.io import JsonlWriter, atomic_write_json, atomic_write_text
 from worldlm.model import ParamLayout
 from worldlm.runners.flower import wire
 from worldlm.runners.flower.node import check_supported, host_of
-from worldlm.runners.local import Federation, eval_record, plan, run_summary, tree_from_config
+from worldlm.runners.local import (
+    Federation,
+    all_diverged,
+    diverged_message,
+    eval_record,
+    plan,
+    run_summary,
+    tree_from_config,
+)
 
 ProgressFn = Callable[[dict[str, Any]], None]
 LogFn = Callable[[str], None]
@@ -306,6 +314,7 @@ class Coordinator:
         self.edge_bytes: dict[str, int] = {}
         self.metrics: JsonlWriter | None = None
         self.trained = 0  # train.visit replies this round
+        self.round_losses: list[float] = []  # training losses the nodes reported this round
 
     def _resolve(self, engine_node: str) -> int | None:
         return self.directory.ids.get(host_of(engine_node, self.tree))
@@ -328,6 +337,8 @@ class Coordinator:
     def _node_log(self, reply: Message) -> None:
         for record in wire.json_from(reply.content, "log") or []:
             self._write(record)
+            if record.get("split") == "train":
+                self.round_losses.append(float(record["loss"]))
             for event in step_events(record, self.feds_steps, self.cfg):
                 self.progress(event)
 
@@ -460,11 +471,12 @@ class Coordinator:
             total = steps_per_round(self.feds) * cfg.train.rounds
             self.progress({"kind": "start", "method": cfg.method, "total_steps": total, "rounds": cfg.train.rounds})
             val: dict[str, dict[str, float]] = {}
+            rounds, diverged = cfg.train.rounds, None
             for rnd in range(cfg.train.rounds):
                 if rnd > 0:
                     for name in self.directory.refresh(wait=min(self.timeout, 30.0)):
                         self._write({"event": "rejoined", "round": rnd, "node": name})
-                self.trained = 0
+                self.trained, self.round_losses = 0, []
                 jobs = [
                     self._visit(f, f.tree.root, rnd, rnd * sequential_span(f.tree, f.tree.root, f.opts), None, None)
                     for f in self.feds
@@ -472,21 +484,34 @@ class Coordinator:
                 self.dispatcher.run(jobs)
                 if self.trained == 0:
                     raise WorldLMError(f"round {rnd}: no node answered; see the log above")
+                if all_diverged(self.round_losses):
+                    rounds, diverged = rnd + 1, rnd
+                    self._write({"event": "diverged", "round": rnd})
+                    self.log(diverged_message(rnd, cfg.train.rounds))
+                    break
                 if cfg.eval.every_round or rnd == cfg.train.rounds - 1:
                     val = self.evaluate_all("val", rnd)
                 self.log(f"round {rnd + 1}/{cfg.train.rounds} done")
-            test = self.evaluate_all("test", cfg.train.rounds - 1, last=True)
+            test = self.evaluate_all("test", rounds - 1, last=True)
         finally:
             self.metrics.close()
-        summary = self._summary(test, val, int(info["parameters"]), kb, time.perf_counter() - t_start)
+        wall = time.perf_counter() - t_start
+        summary = self._summary(test, val, int(info["parameters"]), kb, wall, rounds, diverged)
         atomic_write_json(self.out / "summary.json", summary)
         return summary
 
     def _summary(
-        self, test: dict[str, dict[str, float]], val: dict[str, dict[str, float]], params: int, kb: int, wall: float
+        self,
+        test: dict[str, dict[str, float]],
+        val: dict[str, dict[str, float]],
+        params: int,
+        kb: int,
+        wall: float,
+        rounds: int,
+        diverged: int | None,
     ) -> dict[str, Any]:
         """summary.json as LocalRun writes it; nodes that never answered the test are listed as missing."""
         if not test:
             raise WorldLMError("no node answered the final evaluation; no summary")
-        steps = self.per_round * self.cfg.train.rounds
-        return run_summary(self.cfg, self.tree.order, test, val, self.edge_bytes, steps, (params, kb), wall)
+        steps = self.per_round * rounds
+        return run_summary(self.cfg, self.tree.order, test, val, self.edge_bytes, steps, (params, kb), wall, diverged)
