@@ -37,7 +37,7 @@ from worldlm.data.tokenizer import (
     train_tokenizer,
 )
 from worldlm.errors import DataError
-from worldlm.io import atomic_write_bytes, atomic_write_json
+from worldlm.io import atomic_write_bytes, atomic_write_json, file_sha256
 
 Progress = Callable[[str], None]
 TOKENIZER_FILE = "tokenizer.json"
@@ -159,7 +159,7 @@ def _up_to_date(out: Path, fingerprint: dict[str, Any]) -> bool:
         expected = [(manifest["tokenizer"], manifest["tokenizer_sha256"])]
         for entry in manifest["sources"].values():
             expected += [(entry["splits"][s]["file"], entry["splits"][s]["sha256"]) for s in SPLITS]
-        return all(_file_sha256(out / file) == digest for file, digest in expected)
+        return all(file_sha256(out / file) == digest for file, digest in expected)
     except (KeyError, TypeError, OSError):
         return False
 
@@ -201,7 +201,7 @@ def _write_prepared(
         "format": FORMAT_VERSION,
         "recipe": recipe,
         "tokenizer": TOKENIZER_FILE,
-        "tokenizer_sha256": _file_sha256(out / TOKENIZER_FILE),
+        "tokenizer_sha256": file_sha256(out / TOKENIZER_FILE),
         "vocab_size": actual_vocab,
         "dtype": dtype.name,
         "eot_id": eot_id(tokenizer),
@@ -291,11 +291,3 @@ def _chars(documents: list[str]) -> int:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

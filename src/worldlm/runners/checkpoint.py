@@ -12,7 +12,6 @@ load.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from worldlm.errors import WorldLMError
-from worldlm.io import atomic_write_json, atomic_write_with
+from worldlm.io import atomic_write_json, atomic_write_with, file_sha256
 
 PREFIX = "round-"
 FORMAT = 2  # 1: one state.safetensors + state.json (before node states could live on disk)
@@ -70,14 +69,6 @@ class Snapshot:
     parts: Mapping[str, Callable[[], Part]]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_checkpoint(root: Path, snap: Snapshot, keep: int) -> Path:
     """Write `root/round-NNNN/` atomically, then drop all but the newest `keep` checkpoints."""
     final = root / f"{PREFIX}{snap.round:04d}"
@@ -88,7 +79,7 @@ def save_checkpoint(root: Path, snap: Snapshot, keep: int) -> Path:
     for name, make in snap.parts.items():
         file = f"{name}.safetensors"
         write_part(tmp / file, make())
-        files[file] = _sha256(tmp / file)
+        files[file] = file_sha256(tmp / file)
     atomic_write_json(tmp / "manifest.json", {"format": FORMAT, "round": snap.round, "files": files})
     if final.exists():
         shutil.rmtree(final)
@@ -109,7 +100,7 @@ def _load_one(path: Path) -> Snapshot:
     if manifest.get("format") != FORMAT:
         raise ValueError(f"format {manifest.get('format', 1)} (written by an older worldlm), expected {FORMAT}")
     for name, digest in manifest["files"].items():
-        if _sha256(path / name) != digest:
+        if file_sha256(path / name) != digest:
             raise ValueError(f"{name} does not match its checksum")
     parts = {name.removesuffix(".safetensors"): partial(read_part, path / name) for name in manifest["files"]}
     return Snapshot(int(manifest["round"]), parts)
