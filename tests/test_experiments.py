@@ -312,3 +312,17 @@ def test_an_interrupted_run_continues_from_its_checkpoint(
         return [(r["node"], r["round"], r["loss"]) for r in records if r.get("split") == "val"]
 
     assert val_records(run_dir) == val_records(reference)
+
+
+def test_a_diverging_variant_stops_early_and_reads_diverged(micro: Micro) -> None:
+    experiment = micro.experiment.parent / "div.toml"
+    text = MICRO.replace('name = "micro"', 'name = "div"').replace('["worldlm", "centralized"]', '["worldlm"]')
+    experiment.write_text(text.replace('set = ["federation.nu=0"]', 'set = ["train.lr_max=1e30"]'))
+    out_root = micro.out_root.parent / "div"
+    assert main(["experiment", str(experiment), "--out-root", str(out_root), "--quiet"]) == 0
+    report = json.loads((out_root / "div" / "report.json").read_text())
+    rows = {r["variant"]: r for r in report["runs"]}
+    assert rows["default"]["diverged_round"] is None and rows["no-residuals"]["diverged_round"] == 0
+    assert rows["no-residuals"]["sequential_steps"] * 2 == rows["default"]["sequential_steps"]
+    report_md = (out_root / "div" / "report.md").read_text()
+    assert "| no-residuals | worldlm | 0 | diverged in round 0, stopped |" in report_md

@@ -73,7 +73,7 @@ def method_stats(runs: list[RunData]) -> dict[str, Any]:
         "std_over_seeds": float(means.std()),
         "ratio_to_worldlm": None,
         "seeds": [r.spec.seed for r in runs],
-        "sequential_steps": int(runs[0].summary["sequential_steps"]),
+        "sequential_steps": max(int(r.summary["sequential_steps"]) for r in runs),  # a diverged run stops early
         "wall_seconds_mean": float(np.mean([r.summary["wall_seconds"] for r in runs])),
         "nodes": {n: float(np.mean([r.summary["nodes"][n]["ppl"] for r in runs])) for n in nodes},
         "privacy": privacy_stats(runs),
@@ -113,6 +113,7 @@ def run_row(run: RunData, out_dir: Path) -> dict[str, Any]:
         "std_ppl": s["std_ppl"],
         "sequential_steps": s["sequential_steps"],
         "wall_seconds": s["wall_seconds"],
+        "diverged_round": s.get("diverged_round"),  # stopped early: every node's loss NaN/inf in that round
     }
 
 
@@ -341,8 +342,11 @@ def _runs_md(report: dict[str, Any]) -> list[str]:
         "|---|---|---:|---:|---:|---:|---|",
     ]
     for r in report["runs"]:
+        result = _mean_std(r["mean_ppl"], r["std_ppl"])
+        if r.get("diverged_round") is not None:
+            result = f"diverged in round {r['diverged_round']}, stopped"
         lines.append(
-            f"| {r['variant']} | {r['method']} | {r['seed']} | {_mean_std(r['mean_ppl'], r['std_ppl'])} | "
+            f"| {r['variant']} | {r['method']} | {r['seed']} | {result} | "
             f"{r['sequential_steps']} | {r['wall_seconds']:.0f} | [{r['dir']}]({r['dir']}) |"
         )
     if report["missing"]:
