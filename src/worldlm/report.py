@@ -91,6 +91,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     for node, res in summary["nodes"].items():
         table.add_row(node, f"{res['ppl']:.2f}")
     table.add_row("[bold]mean ± std", f"[bold]{summary['mean_ppl']:.2f} ± {summary['std_ppl']:.2f}")
+    if "diverged_round" in summary:
+        table.caption = f"[red]diverged in round {summary['diverged_round']}: stopped early"
     console.print(table)
 
 
