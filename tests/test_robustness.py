@@ -126,19 +126,25 @@ def test_full_disk_keeps_the_previous_file_and_reports_one_line(
     assert "No space left on device" in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("runner", ["local", "flower-inproc"])
-def test_a_diverged_run_stops_early_with_a_summary(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], runner: str
-) -> None:
-    """lr 1e30 makes every weight NaN in round 0: it stops after that round, says so once, writes summary.json."""
+def test_a_diverged_run_stops_early_with_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """lr 1e30 makes every weight NaN in round 0: both runners stop after it, say so, write the same summary."""
     cfg = tiny_config(tmp_path, make_prepared(tmp_path / "data"), "worldlm")
-    out = tmp_path / "run"
-    sets = ["--set", "train.lr_max=1e30", "--set", "train.rounds=3"]
-    assert main(["train", str(cfg), *sets, "--runner", runner, "--out", str(out), "--quiet"]) == 0
-    assert capsys.readouterr().err.count("round 0: every node's training loss is NaN/inf, the run diverged") == 1
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["diverged_round"] == 0 and summary["sequential_steps"] == 9  # 1 of 3 rounds, 3 levels x 3 steps
-    assert math.isnan(summary["mean_ppl"]) and all(math.isnan(n["ppl"]) for n in summary["nodes"].values())
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {"event": "diverged", "round": 0} in records
-    assert max(r["round"] for r in records if r.get("split") == "train") == 0  # nothing trained after it
+    sets = ["--set", "train.lr_max=1e30", "--set", "train.rounds=3", "--set", "eval.every_round=false"]
+    summaries = []
+    for runner in ("local", "flower-inproc"):
+        out = tmp_path / runner
+        assert main(["train", str(cfg), *sets, "--runner", runner, "--out", str(out), "--quiet"]) == 0
+        assert capsys.readouterr().err.count("round 0: every node's training loss is NaN/inf, the run diverged") == 1
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["diverged_round"] == 0 and summary["sequential_steps"] == 9  # 1 of 3 rounds: 3 levels x 3
+        assert math.isnan(summary["mean_ppl"]) and all(math.isnan(n["ppl"]) for n in summary["nodes"].values())
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert {"event": "diverged", "round": 0} in records
+        assert max(r["round"] for r in records if r.get("split") == "train") == 0  # nothing trained after it
+        val = [r for r in records if r.get("split") == "val"]  # evaluated in that round despite every_round=false
+        assert len(val) == 7 and all(r["round"] == 0 and math.isnan(r["loss"]) for r in val)
+        summary.pop("wall_seconds")
+        summaries.append(json.dumps(summary, sort_keys=True))  # NaN-safe comparison: as text
+    assert summaries[0] == summaries[1]
+    timing = [json.loads(line) for line in (tmp_path / "local" / "timing.jsonl").read_text().splitlines()]
+    assert [t["round"] for t in timing] == [0]

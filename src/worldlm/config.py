@@ -386,3 +386,8 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def dumps(cfg: Config) -> str:
     return tomli_w.dumps(to_dict(cfg))
+
+
+def same_config(path: Path, cfg: Config) -> bool:
+    """A run directory's config.toml is exactly `cfg` resolved (resume and experiment skip checks)."""
+    return path.is_file() and path.read_text(encoding="utf-8") == dumps(cfg)

@@ -248,12 +248,7 @@ def select_runs(exp: Experiment, specs: list[RunSpec], variants: Sequence[str], 
 
 def is_complete(spec: RunSpec) -> bool:
     """Done iff summary.json exists and config.toml is exactly this run's resolved config."""
-    config = spec.dir / "config.toml"
-    return (
-        (spec.dir / "summary.json").is_file()
-        and config.is_file()
-        and config.read_text(encoding="utf-8") == C.dumps(spec.cfg)
-    )
+    return (spec.dir / "summary.json").is_file() and C.same_config(spec.dir / "config.toml", spec.cfg)
 
 
 def check_data(specs: Sequence[RunSpec]) -> None:
@@ -278,19 +273,14 @@ def _resumable(spec: RunSpec) -> bool:
     """An interrupted run of this very config: config.toml matches and a checkpoint directory exists."""
     from worldlm.runners.checkpoint import checkpoint_dirs
 
-    config = spec.dir / "config.toml"
-    return (
-        config.is_file()
-        and config.read_text(encoding="utf-8") == C.dumps(spec.cfg)
-        and bool(checkpoint_dirs(spec.dir / "checkpoints"))
-    )
+    return C.same_config(spec.dir / "config.toml", spec.cfg) and bool(checkpoint_dirs(spec.dir / "checkpoints"))
 
 
 def _run_one(spec: RunSpec, quiet: bool) -> None:
     """Train one cell: continue an interrupted run from its checkpoint, else start it clean."""
     from worldlm.report import console, progress_display
     from worldlm.runners import local
-    from worldlm.runners.checkpoint import NoCheckpoint
+    from worldlm.runners.checkpoint import CannotResume
 
     def warn(message: str) -> None:
         console.print(f"[yellow]{spec.label}: {message}[/]")
@@ -300,8 +290,8 @@ def _run_one(spec: RunSpec, quiet: bool) -> None:
             try:
                 local.run(spec.cfg, spec.dir, progress, resume=True, warn=warn)
                 return
-            except NoCheckpoint:
-                warn("no checkpoint verifies; starting the run again")
+            except CannotResume as exc:
+                warn(f"starting the run again: {exc}")
         if spec.dir.exists():  # stale or unusable: the runner appends to metrics, so start clean
             shutil.rmtree(spec.dir)
         local.run(spec.cfg, spec.dir, progress)

@@ -60,6 +60,11 @@ class JsonlWriter:
         self._fh.flush()
         self.lines += 1
 
+    def sync(self) -> None:
+        """Force the records written so far to disk (before a checkpoint that counts them)."""
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
     def close(self) -> None:
         self._fh.close()
 

@@ -32,8 +32,8 @@ PREFIX = "round-"
 FORMAT = 2  # 1: one state.safetensors + state.json (before node states could live on disk)
 
 
-class NoCheckpoint(WorldLMError):
-    """No checkpoint under a run directory verifies: the run has to start again."""
+class CannotResume(WorldLMError):
+    """No checkpoint verifies, or the run directory disagrees with it: the run has to start again."""
 
 
 @dataclass
@@ -113,4 +113,4 @@ def load_latest(root: Path, warn: Callable[[str], None]) -> Snapshot:
             return _load_one(path)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             warn(f"checkpoint {path} is unusable ({exc}); trying the previous one")
-    raise NoCheckpoint(f"no valid checkpoint under {root}; start the run again without --resume")
+    raise CannotResume(f"no valid checkpoint under {root}; start the run again without --resume")

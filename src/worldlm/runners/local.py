@@ -47,7 +47,15 @@ from worldlm.federation.worldlm import (
 )
 from worldlm.io import JsonlWriter, atomic_write_bytes, atomic_write_json, atomic_write_text
 from worldlm.model import GPT, ParamLayout, gpt_config
-from worldlm.runners.checkpoint import Part, Snapshot, load_latest, read_part, save_checkpoint, write_part
+from worldlm.runners.checkpoint import (
+    CannotResume,
+    Part,
+    Snapshot,
+    load_latest,
+    read_part,
+    save_checkpoint,
+    write_part,
+)
 from worldlm.runners.node_state import (
     DiskStates,
     MemoryStates,
@@ -586,20 +594,24 @@ class LocalRun:
         time in no phase (metrics, progress).
         """
         ckpt_root = self.out / "checkpoints"
-        config_text = C.dumps(self.cfg)
         if resume:
             saved = self.out / "config.toml"
-            if not saved.is_file() or saved.read_text(encoding="utf-8") != config_text:
+            if not C.same_config(saved, self.cfg):
                 raise WorldLMError(
                     f"{saved} differs from this config (or is missing); resume with the same config and --set "
                     "options, or start a new run directory"
                 )
-            lines = self.restore(load_latest(ckpt_root, warn))
-            truncate_lines(self.out / "metrics.jsonl", lines)
+            try:
+                lines = self.restore(load_latest(ckpt_root, warn))
+                truncate_lines(self.out / "metrics.jsonl", lines)
+            except CannotResume:
+                raise
+            except (WorldLMError, OSError, KeyError, ValueError, TypeError) as exc:  # checkpoint and files disagree
+                raise CannotResume(f"cannot resume {self.out} ({exc}); start the run again without --resume") from exc
             drop_rounds_from(self.out / "timing.jsonl", self.round)
         else:
             self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out / "config.toml", config_text)
+            atomic_write_text(self.out / "config.toml", C.dumps(self.cfg))
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
             (self.out / "timing.jsonl").unlink(missing_ok=True)
         self.metrics = JsonlWriter(self.out / "metrics.jsonl")
@@ -638,20 +650,22 @@ class LocalRun:
                         if privacy is not None:
                             with phase("privacy"):
                                 self._end_privacy_round(privacy, rnd)
-                    if all_diverged(self.round_losses):
-                        self.diverged_round, self.round = rnd, rnd + 1
-                        self._write({"event": "diverged", "round": rnd})
-                        print(f"worldlm: {diverged_message(rnd, self.cfg.train.rounds)}", file=sys.stderr)
-                        break
-                    if self.cfg.eval.every_round or rnd == self.cfg.train.rounds - 1:
+                    diverged = all_diverged(self.round_losses)
+                    if self.cfg.eval.every_round or diverged or rnd == self.cfg.train.rounds - 1:
                         with phase("evaluation"):
                             self.val = self.evaluate_all("val", rnd)
                     self.round += 1
-                    if self.round % self.cfg.checkpoint.every == 0 or stop.requested:
+                    if not diverged and (self.round % self.cfg.checkpoint.every == 0 or stop.requested):
                         with phase("checkpoint"):
+                            self.metrics.sync()  # the records a checkpoint counts are on disk before it is
                             save_checkpoint(ckpt_root, self.snapshot(), self.cfg.checkpoint.keep)
                     self.round_seconds.append(round_record(rnd, time.perf_counter() - t0, self.timer.take()))
                     timing.write(self.round_seconds[-1])
+                    if diverged:
+                        self.diverged_round = rnd
+                        self._write({"event": "diverged", "round": rnd})
+                        print(f"worldlm: {diverged_message(rnd, self.cfg.train.rounds)}", file=sys.stderr)
+                        break
                     if stop.requested and self.round < self.cfg.train.rounds:
                         raise Interrupted(
                             f"stopped after round {self.round} of {self.cfg.train.rounds} (checkpoint saved); "
@@ -741,11 +755,18 @@ def truncate_lines(path: Path, lines: int) -> None:
 
 
 def drop_rounds_from(path: Path, first_round: int) -> None:
-    """Drop timing records of rounds that a resumed run does again."""
+    """Drop timing records of rounds that a resumed run does again (and a line torn by a crash)."""
+
+    def kept(line: str) -> bool:
+        try:
+            return int(json.loads(line)["round"]) < first_round
+        except (ValueError, KeyError, TypeError):
+            return False
+
     if path.is_file():
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True) if line.strip()]
-        kept = [line for line in kept if json.loads(line)["round"] < first_round]
-        atomic_write_text(path, "".join(kept))
+        atomic_write_text(
+            path, "".join(x for x in path.read_text(encoding="utf-8").splitlines(keepends=True) if kept(x))
+        )
 
 
 def _node_part(states: NodeStates, name: str) -> Part:

@@ -484,14 +484,15 @@ class Coordinator:
                 self.dispatcher.run(jobs)
                 if self.trained == 0:
                     raise WorldLMError(f"round {rnd}: no node answered; see the log above")
-                if all_diverged(self.round_losses):
+                stop = all_diverged(self.round_losses)
+                if cfg.eval.every_round or stop or rnd == cfg.train.rounds - 1:
+                    val = self.evaluate_all("val", rnd)
+                self.log(f"round {rnd + 1}/{cfg.train.rounds} done")
+                if stop:
                     rounds, diverged = rnd + 1, rnd
                     self._write({"event": "diverged", "round": rnd})
                     self.log(diverged_message(rnd, cfg.train.rounds))
                     break
-                if cfg.eval.every_round or rnd == cfg.train.rounds - 1:
-                    val = self.evaluate_all("val", rnd)
-                self.log(f"round {rnd + 1}/{cfg.train.rounds} done")
             test = self.evaluate_all("test", rounds - 1, last=True)
         finally:
             self.metrics.close()
