@@ -97,7 +97,7 @@ def test_report_has_every_variant_method_and_node(micro: Micro) -> None:
     assert len(runs) == 4 and all(r["wall_seconds"] > 0 for r in runs.values())
     md = micro.report_md
     assert "## Variant `default`" in md and "## Variant `no-residuals`" in md and "## Variants side by side" in md
-    assert re.search(r"\| centralized \| \*\*[\d.]+\*\* \| [\d.]+ \| 0\.00 \| [\d.]+× \| 1/1 \| 12 \|", md)
+    assert re.search(r"\| centralized \| \*\*[\d.]+\*\* \| [\d.]+ \| – \| [\d.]+× \| 1/1 \| 12 \|", md)
     assert "| ru | " in md and report["command"] in md
 
 

@@ -290,8 +290,9 @@ def _variant_md(name: str, v: dict[str, Any], n_seeds: int) -> list[str]:
     ]
     for m, s in stats.items():
         ratio = _ratio(s["ratio_to_worldlm"]) if s["ratio_to_worldlm"] is not None else "–"
+        over_seeds = _ppl(s["std_over_seeds"]) if len(s["seeds"]) > 1 else "–"  # one seed: no spread to show
         lines.append(
-            f"| {m} | **{_ppl(s['mean_ppl'])}** | {_ppl(s['std_over_nodes'])} | {_ppl(s['std_over_seeds'])} | "
+            f"| {m} | **{_ppl(s['mean_ppl'])}** | {_ppl(s['std_over_nodes'])} | {over_seeds} | "
             f"{ratio} | {len(s['seeds'])}/{n_seeds} | {s['sequential_steps']} | {s['wall_seconds_mean']:.0f} |"
         )
     lines += _privacy_md(stats)
