@@ -254,7 +254,7 @@ def test_dp_grid_runs_seed_by_seed_and_reports_epsilon(
         assert f"- {method}: fr ε = {privacy['epsilon']['fr']:.1f} (δ = {privacy['delta']:g}" in report_md.read_text()
 
 
-def test_variants_and_seeds_select_what_trains(micro: Micro, runner_calls: list[str]) -> None:
+def test_variants_seeds_and_methods_select_what_trains(micro: Micro, runner_calls: list[str]) -> None:
     assert rerun(micro) == 0  # complete whatever other tests left incomplete
     runner_calls.clear()
     for run_dir in micro.dir.glob("runs/*/worldlm/seed0"):
@@ -266,6 +266,12 @@ def test_variants_and_seeds_select_what_trains(micro: Micro, runner_calls: list[
     assert rerun(micro, "--variants", "nope") == 2 and rerun(micro, "--seeds", "7") == 2
     assert rerun(micro, "--seeds", "x") == 2
     assert rerun(micro) == 0 and runner_calls[-1] == "micro-default-worldlm-seed0"
+    for run_dir in micro.dir.glob("runs/*/*/seed0"):
+        (run_dir / "summary.json").unlink()
+    runner_calls.clear()
+    assert rerun(micro, "--methods", "centralized", "--variants", "default") == 0
+    assert runner_calls == ["micro-default-centralized-seed0"] and rerun(micro, "--methods", "fl") == 2
+    assert rerun(micro) == 0 and len(runner_calls) == 4
 
 
 def test_a_diverged_run_reads_diverged_not_a_huge_number() -> None:

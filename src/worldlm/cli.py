@@ -183,6 +183,7 @@ def _experiment(args: argparse.Namespace) -> int:
         report_only=args.report_only,
         variants=variants,
         seeds=seeds,
+        methods=[m for m in (args.methods or "").split(",") if m],
     )
     return 0
 
@@ -298,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--variants", metavar="A,B", help="train only these variants (the report covers every run)")
     p.add_argument("--seeds", metavar="0,1", help="train only these seeds (the report covers every run)")
+    p.add_argument("--methods", metavar="A,B", help="train only these methods (the report covers every run)")
     p.set_defaults(func=_experiment)
 
     p = sub.add_parser(

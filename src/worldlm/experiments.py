@@ -234,16 +234,30 @@ def plan_runs(exp: Experiment, out_dir: Path, overrides: Sequence[str] = ()) -> 
     return specs
 
 
-def select_runs(exp: Experiment, specs: list[RunSpec], variants: Sequence[str], seeds: Sequence[int]) -> list[RunSpec]:
-    """The cells of these variants and seeds (all when empty); unknown names are a one-line ConfigError."""
+def select_runs(
+    exp: Experiment,
+    specs: list[RunSpec],
+    variants: Sequence[str],
+    seeds: Sequence[int],
+    methods: Sequence[str] = (),
+) -> list[RunSpec]:
+    """The cells of these variants, seeds and methods (all when empty); unknown ones are a one-line ConfigError."""
     if unknown := [v for v in variants if v not in exp.variants]:
         raise ConfigError(f"{exp.path}: no variant {', '.join(unknown)}; variants: {', '.join(exp.variants)}")
+    if unknown := [m for m in methods if m not in exp.methods]:
+        raise ConfigError(f"{exp.path}: no method {', '.join(unknown)}; methods: {', '.join(exp.methods)}")
     if unknown_seeds := [str(k) for k in seeds if k not in exp.seeds]:
         raise ConfigError(
             f"{exp.path}: seed {', '.join(unknown_seeds)} is not in the experiment's seeds "
             f"({', '.join(map(str, exp.seeds))})"
         )
-    return [s for s in specs if (not variants or s.variant in variants) and (not seeds or s.seed in seeds)]
+    return [
+        s
+        for s in specs
+        if (not variants or s.variant in variants)
+        and (not seeds or s.seed in seeds)
+        and (not methods or s.method in methods)
+    ]
 
 
 def is_complete(spec: RunSpec) -> bool:
@@ -333,12 +347,13 @@ def run_experiment(
     report_only: bool = False,
     variants: Sequence[str] = (),
     seeds: Sequence[int] = (),
+    methods: Sequence[str] = (),
 ) -> ExperimentResult:
     """Run the grid (skipping complete runs), then write report.md/report.json and the plots.
 
     `report_only`: train nothing, only (re)write the report from the runs complete so far.
-    `variants` / `seeds`: train only those cells (a long experiment in parts); the report still
-    covers every complete run of the whole grid and lists the missing ones.
+    `variants` / `seeds` / `methods`: train only those cells (a long experiment in parts); the
+    report still covers every complete run of the whole grid and lists the missing ones.
     """
     from worldlm.experiment_report import write_report
     from worldlm.report import console
@@ -356,7 +371,7 @@ def run_experiment(
             console.print(f"report of {complete} complete runs of {len(specs)}: {report}")
         return ExperimentResult(report, 0, complete)
     try:
-        ran, skipped, failures = _run_grid(select_runs(exp, specs, variants, seeds), quiet)
+        ran, skipped, failures = _run_grid(select_runs(exp, specs, variants, seeds, methods), quiet)
     except Interrupted as exc:  # the runner stopped at a round boundary: keep what is complete
         write_report(exp, specs, out_dir, command)
         raise Interrupted(f"experiment stopped; run `{command}` again to continue (complete runs are kept)") from exc
