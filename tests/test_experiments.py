@@ -351,3 +351,13 @@ def test_a_diverging_variant_stops_early_and_reads_diverged(micro: Micro) -> Non
     assert rows["no-residuals"]["sequential_steps"] * 2 == rows["default"]["sequential_steps"]
     report_md = (out_root / "div" / "report.md").read_text()
     assert "| no-residuals | worldlm | 0 | diverged in round 0, stopped |" in report_md
+
+
+def test_a_variant_can_run_its_own_seeds(tmp_path: Path) -> None:
+    text = 'base = "base.toml"\nmethods = ["fl"]\n[variants.a]\n[variants.b]\nseeds = [0, 3]\n'
+    exp = load_experiment(write(tmp_path, text))
+    assert exp.seeds == (0, 3) and exp.variants["a"].seeds == (0,)
+    labels = [s.label for s in plan_runs(exp, tmp_path / "out")]
+    assert labels == ["a/fl/seed0", "b/fl/seed0", "b/fl/seed3"]
+    with pytest.raises(ConfigError, match=r"variants.b: 'seeds' must be a non-empty list"):
+        load_experiment(write(tmp_path, text.replace("[0, 3]", "[]")))

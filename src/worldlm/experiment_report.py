@@ -377,7 +377,7 @@ def markdown(report: dict[str, Any]) -> str:
     if len(report["variants"]) > 1:
         lines += _overview_md(report)
     for name, v in report["variants"].items():
-        lines += _variant_md(name, v, len(seeds))
+        lines += _variant_md(name, v, len(v["seeds"]))
     return "\n".join(lines + _runs_md(report))
 
 
@@ -398,6 +398,7 @@ def write_report(exp: Experiment, specs: list[RunSpec], out_dir: Path, command: 
         by_method = {m: runs[(v.name, m)] for m in v.methods}
         variants[v.name] = {
             "description": v.description,
+            "seeds": list(v.seeds),
             "base": str(v.base),
             "set": list(v.set),
             "methods": variant_stats(by_method),

@@ -20,6 +20,7 @@ Experiment file:
     base = "../other.toml"          # optional: this variant's own run config (e.g. another tree)
     set = ["federation.nu=0"]       # its overrides, applied after the experiment's
     methods = ["worldlm"]           # optional subset of the experiment's methods
+    seeds = [0, 1, 2]               # optional: this variant's own seeds (default: the experiment's)
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from worldlm.config import _suggest
 from worldlm.errors import ConfigError, WorldLMError
 
 TOP_KEYS = ("name", "description", "base", "methods", "seeds", "set", "variants")
-VARIANT_KEYS = ("description", "base", "set", "methods")
+VARIANT_KEYS = ("description", "base", "set", "methods", "seeds")
 GRID_KEYS = ("method", "seed", "name")  # set per run by the grid, never by an override
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -57,6 +58,7 @@ class Variant:
     base: Path
     set: tuple[str, ...]
     methods: tuple[str, ...]
+    seeds: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,9 @@ def _resolve_base(value: str, exp_path: Path, where: str) -> Path:
     )
 
 
-def _variant(name: str, raw: Any, exp_path: Path, methods: tuple[str, ...], base: Path | None) -> Variant:
+def _variant(
+    name: str, raw: Any, exp_path: Path, methods: tuple[str, ...], seeds: tuple[int, ...], base: Path | None
+) -> Variant:
     where = f"{exp_path}: variants.{name}"
     _safe_name(name, "variant name", str(exp_path))
     if not isinstance(raw, dict):
@@ -171,9 +175,9 @@ def _variant(name: str, raw: Any, exp_path: Path, methods: tuple[str, ...], base
     subset = _methods(raw, where, methods, "one of the experiment's methods") if "methods" in raw else methods
     if not subset:
         raise ConfigError(f"{where}: 'methods' is empty")
-    return Variant(
-        name, _str(raw, "description", "", where), own_base, _overrides(_str_list(raw, "set", where), where), subset
-    )
+    own_seeds = _seeds(raw, where) if "seeds" in raw else seeds
+    overrides = _overrides(_str_list(raw, "set", where), where)
+    return Variant(name, _str(raw, "description", "", where), own_base, overrides, subset, own_seeds)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -203,13 +207,14 @@ def load_experiment(path: str | Path) -> Experiment:
     variants_raw = raw.get("variants", {"default": {}})
     if not isinstance(variants_raw, dict) or not variants_raw:
         raise ConfigError(f"{where}: 'variants' must hold at least one [variants.NAME] table")
-    variants = {v: _variant(v, r, path, methods, base) for v, r in variants_raw.items()}
+    seeds = _seeds(raw, where)
+    variants = {v: _variant(v, r, path, methods, seeds, base) for v, r in variants_raw.items()}
     return Experiment(
         name=name,
         path=path,
         description=_str(raw, "description", "", where),
         methods=methods,
-        seeds=_seeds(raw, where),
+        seeds=tuple(sorted({k for v in variants.values() for k in v.seeds})),  # every seed some variant runs
         set=_overrides(_str_list(raw, "set", where), where),
         variants=variants,
     )
@@ -224,7 +229,7 @@ def plan_runs(exp: Experiment, out_dir: Path, overrides: Sequence[str] = ()) -> 
     specs = []
     for v in exp.variants.values():
         for method in v.methods:
-            for seed in exp.seeds:
+            for seed in v.seeds:
                 grid = [f'method="{method}"', f"seed={seed}", f'name="{exp.name}-{v.name}-{method}-seed{seed}"']
                 try:
                     cfg = C.load_config(v.base, [*exp.set, *v.set, *overrides, *grid])
