@@ -352,12 +352,13 @@ def dp_run(tmp_path_factory: pytest.TempPathFactory, data: Path) -> tuple[Path, 
 
 
 def check_privacy_outputs(out: Path) -> None:
-    expected = gaussian_epsilon([(0.5, 2)], 1e-5)  # 2 rounds, one release per round
+    rounds = int(str(summary(out)["rounds"]))  # FL (A.1.2) runs depth x as many rounds as WorldLM
+    expected = gaussian_epsilon([(0.5, rounds)], 1e-5)  # one release per round
     priv = summary(out)["privacy"]
     assert isinstance(priv, dict) and priv["delta"] == 1e-5
     assert priv["epsilon"] == pytest.approx({"fr": expected, "it": expected})
     per_round = [r for r in records(out) if r.get("event") == "privacy"]
-    assert [(r["round"], r["node"]) for r in per_round] == [(0, "fr"), (0, "it"), (1, "fr"), (1, "it")]
+    assert [(r["round"], r["node"]) for r in per_round] == [(k, n) for k in range(rounds) for n in ("fr", "it")]
     assert per_round[0]["epsilon"] == pytest.approx(gaussian_epsilon([(0.5, 1)], 1e-5))
     assert per_round[0]["clip"] == 1.0 and per_round[0]["sigma"] == 0.5 and per_round[0]["delta"] == 1e-5
     assert per_round[2]["clip"] != 1.0  # round 2 clips at the median of round 1's norms
@@ -369,7 +370,9 @@ def test_end_to_end_worldlm_with_dp_on_two_leaves_reports_epsilon(dp_run: tuple[
 
 
 def test_end_to_end_fl_with_dp_on_two_clients_reports_epsilon(tmp_path: Path, data: Path) -> None:
-    check_privacy_outputs(run(tmp_path, dp_leaves_config(tmp_path, data, "fl"), "fl"))
+    out = run(tmp_path, dp_leaves_config(tmp_path, data, "fl"), "fl")
+    assert summary(out)["rounds"] == 3 * 2
+    check_privacy_outputs(out)
 
 
 def test_config_of_a_run_without_dp_has_no_dp_section(tmp_path: Path, data: Path) -> None:

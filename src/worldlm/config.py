@@ -22,6 +22,12 @@ from worldlm.data.prepared import DEFAULT_VOCAB
 from worldlm.errors import ConfigError
 
 METHODS = ("worldlm", "fl", "hierfavg", "fedper", "centralized", "local")
+HIERARCHY_METHODS = ("worldlm", "hierfavg", "fedper")  # train on the tree itself (the others re-plan it)
+SHARED_MODEL_METHODS = ("fl", "hierfavg", "centralized")  # deliver one model to every node (DESIGN §2 metric)
+FINE_TUNED_METHODS = ("fl", "hierfavg")  # also scored after each client's last local steps ("+ local fine-tuning")
+EVAL_MODELS = ("deliverable", "local", "deployed")
+SCHEDULES = ("sequential", "parallel")
+FL_ROUNDS = ("stage", "global")
 SERVER_OPTS = ("fedavg", "fedavgm", "nesterov", "fedadam")
 
 
@@ -41,6 +47,9 @@ class DataConfig:
     vocab_size: int = DEFAULT_VOCAB  # BPE vocabulary trained by `worldlm prepare`
     leaf_shards: int = 3  # paper A.2: a leaf gets 3 equal shards of each of its sources
     inner_shards: int = 2  # ... every other level 2
+    # > 0: each node keeps at most this many of its training tokens (the first ones of each shard, in its
+    # mixture's proportions): the data-scarce regime of an organisation with little text. 0: no cap.
+    max_train_tokens: int = 0
     sources: dict[str, SourceConfig] = field(default_factory=dict)
 
 
@@ -57,7 +66,7 @@ class TrainConfig:
     local_steps: int = 10  # steps per node per visit (every level); FL clients do levels x this
     batch_size: int = 8
     lr_max: float = 3e-3  # eta_max of the shared schedule
-    lr_alpha: float = 0.1  # schedule starts and ends at alpha * eta_max
+    lr_alpha: float = 0.01  # schedule starts and ends at alpha * eta_max (paper Table 5: 1e-2)
     warmup_steps: int = -1  # -1: 10% of the sequential steps
     total_steps: int = -1  # T of the cosine; -1: the run's sequential steps
     weight_decay: float = 0.1
@@ -69,7 +78,7 @@ class TrainConfig:
 
 @dataclass
 class ServerOptSettings:
-    kind: str = "fedavg"  # evidence: results/server-opt-sweep (momentum overshoots in short runs)
+    kind: str = "fedavgm"  # paper Table 5: FedAvgM, mu_s = 0.9, at every server
     lr: float = 1.0
     momentum: float = 0.9
     beta1: float = 0.9
@@ -81,8 +90,17 @@ class ServerOptSettings:
 class FederationConfig:
     nu: int = 1  # residuals per key position per inner node (paper: nu_K)
     attention: bool = True  # False: uniform averaging of key layers (ablation)
-    route_to_origin: bool = False  # allow a residual to be routed back into the subtree it came from
+    # A.3.7 routes a residual to the most similar child, wherever it came from; false forbids the child
+    # subtree it came from (an option; with two regions it sends every residual to the other one)
+    route_to_origin: bool = True
     sub_rounds: int = 1  # T_q: sub-rounds of a node per parent visit
+    # Paper §3.1: "sequential" = an inner node trains, then its children (a round is depth x local_steps
+    # sequential steps); "parallel" = an inner node trains as a client beside its children, from the same
+    # model in the same window, its update averaged with theirs (a round is local_steps sequential steps).
+    schedule: str = "sequential"
+    # FL's round (A.1.2): "stage" = every client trains local_steps per round and FL runs depth x rounds
+    # (equal sequential steps); "global" = one FL round per hierarchy round, depth x local_steps per client.
+    fl_round: str = "stage"
     server_opt: ServerOptSettings = field(default_factory=ServerOptSettings)
     # Keep node states (parameters, AdamW and server-optimizer state) in files under the run directory
     # between their uses, so memory does not grow with the number of nodes; results are bitwise the same.
@@ -94,10 +112,17 @@ class EvalConfig:
     batches: int = 8  # evaluation batches per node and split
     batch_size: int = 16
     every_round: bool = True  # validation perplexity after every round (test only at the end)
-    # Which model is a node's personalised model: "deployed" = what it holds after the next downward
-    # pass (parent backbone, keys aggregated with the parent's; FL: the global model); "local" = its
-    # own state at the end of the round (leaves: after local training; inner nodes: after aggregation).
-    model: str = "local"
+    # Which model a node is judged on (DESIGN §2 metric): "deliverable" = what the method delivers
+    # (fl, hierfavg, centralized: their one shared model; worldlm, fedper, local: each node's own model
+    # at the end of its training), with fl and hierfavg also scored after each client's last local steps
+    # ("+ local fine-tuning", ppl_ft); "deployed" = what a node holds after the next downward pass
+    # (parent backbone, keys aggregated with the parent's; FL: the global model); "local" = its own
+    # state at the end of the round (leaves: after local training; inner nodes: after aggregation).
+    model: str = "deliverable"
+    # >= 0: in this global round (the hierarchy's round index; for engines with depth rounds per global
+    # round, the rounds covering the same sequential steps), evaluate the model that travels after
+    # every local training and every aggregation (issue 14 item 5: where a round loses progress).
+    trace_round: int = -1
 
 
 @dataclass
@@ -302,15 +327,29 @@ def validate(cfg: Config) -> None:
     f = cfg.federation
     _check(f.nu >= 0, f"federation.nu must be >= 0, got {f.nu}")
     _check(f.sub_rounds >= 1, f"federation.sub_rounds must be >= 1, got {f.sub_rounds}")
+    _check(f.schedule in SCHEDULES, f"federation.schedule '{f.schedule}' is unknown{_suggest(f.schedule, SCHEDULES)}")
+    _check(f.fl_round in FL_ROUNDS, f"federation.fl_round '{f.fl_round}' is unknown{_suggest(f.fl_round, FL_ROUNDS)}")
+    _check(
+        f.schedule == "sequential" or f.sub_rounds == 1,
+        "federation.schedule = 'parallel' runs every level in one window, so it needs federation.sub_rounds = 1",
+    )
     _validate_server_opt(f.server_opt, "federation.server_opt")
     for node in cfg.tree.nodes:
         if node.server_opt is not None:
             _validate_server_opt(node.server_opt, f"tree.nodes '{node.name}'.server_opt")
-    _check(cfg.eval.model in ("deployed", "local"), f"eval.model must be 'deployed' or 'local', got '{cfg.eval.model}'")
+    _check(
+        cfg.eval.model in EVAL_MODELS,
+        f"eval.model '{cfg.eval.model}' is unknown{_suggest(cfg.eval.model, EVAL_MODELS)}",
+    )
+    _check(
+        -1 <= cfg.eval.trace_round < t.rounds,
+        f"eval.trace_round must be -1 (off) or a round index in [0, {t.rounds - 1}], got {cfg.eval.trace_round}",
+    )
     _check(cfg.eval.batches >= 1 and cfg.eval.batch_size >= 1, "eval.batches and eval.batch_size must be >= 1")
     _check(cfg.checkpoint.every >= 1 and cfg.checkpoint.keep >= 1, "checkpoint.every and checkpoint.keep must be >= 1")
     d = cfg.data
     _check(d.leaf_shards >= 1 and d.inner_shards >= 1, "data.leaf_shards and data.inner_shards must be >= 1")
+    _check(d.max_train_tokens >= 0, f"data.max_train_tokens must be >= 0 (0: no cap), got {d.max_train_tokens}")
     _check(256 < d.vocab_size <= 65535 * 4, f"data.vocab_size must be in (256, 262140], got {d.vocab_size}")
     _check(
         d.recipe in ("", "languages", "domains"),
@@ -346,7 +385,7 @@ def _validate_dp(cfg: Config) -> None:
     for name in dp.nodes:
         _check(name in names, f"dp.nodes names '{name}', which is not a tree node{_suggest(name, names)}")
     root = next((n.name for n in cfg.tree.nodes if not n.parent), None)
-    if cfg.method in ("worldlm", "hierfavg", "fedper") and root is not None:
+    if cfg.method in HIERARCHY_METHODS and root is not None:
         _check(
             root not in dp_nodes(cfg),
             f"tree node '{root}' is the root: it sends nothing to a parent, so DP has nothing to privatise there; "
@@ -357,6 +396,28 @@ def _validate_dp(cfg: Config) -> None:
 def dp_nodes(cfg: Config) -> set[str]:
     """Nodes with differential privacy: `dp = true` on the node or its name in dp.nodes."""
     return {n.name for n in cfg.tree.nodes if n.dp} | set(cfg.dp.nodes)
+
+
+def is_hierarchy(cfg: Config) -> bool:
+    """The method trains on the configured tree itself (the others re-plan it: flat, pooled, alone)."""
+    return cfg.method in HIERARCHY_METHODS
+
+
+def eval_model(cfg: Config) -> str:
+    """The resolved eval.model, "local" or "deployed": what `deliverable` means for this method.
+
+    A method that builds one shared model delivers it (FL's and HierFAVG's global model, the one
+    centralized model: "deployed" is exactly that model on every node); personalised methods
+    deliver each node's own model at the end of its training ("local").
+    """
+    if cfg.eval.model != "deliverable":
+        return cfg.eval.model
+    return "deployed" if cfg.method in SHARED_MODEL_METHODS else "local"
+
+
+def scores_fine_tuned(cfg: Config) -> bool:
+    """Whether a run also reports "+ local fine-tuning" (each client after its last local steps: ppl_ft)."""
+    return cfg.eval.model == "deliverable" and cfg.method in FINE_TUNED_METHODS
 
 
 def key_blocks(cfg: Config) -> int:

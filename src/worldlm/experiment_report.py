@@ -122,7 +122,7 @@ def run_row(run: RunData, out_dir: Path) -> dict[str, Any]:
 
 def attention_data(runs: list[RunData]) -> tuple[np.ndarray, list[str], list[int], np.ndarray | None, list[str]]:
     """Mean over seeds of λ_self per (node, round) and of the root's last-round children λ matrix."""
-    from worldlm.runners.local import tree_from_config
+    from worldlm.runners.planning import tree_from_config
 
     tree = tree_from_config(runs[0].spec.cfg)
     parent = [a for r in runs for a in r.attention if a["kind"] == "parent"]
@@ -142,7 +142,7 @@ def attention_data(runs: list[RunData]) -> tuple[np.ndarray, list[str], list[int
 
 def flow_data(runs: list[RunData]) -> tuple[np.ndarray, list[str], list[str]]:
     """Residuals per run (mean over seeds) from origin to the leaf that received them ('none': no allowed child)."""
-    from worldlm.runners.local import tree_from_config
+    from worldlm.runners.planning import tree_from_config
 
     tree = tree_from_config(runs[0].spec.cfg)
     landed = [(r["origin"], r["destination"] or "none") for run in runs for r in run.routes]
@@ -159,7 +159,7 @@ def node_mixtures(spec: RunSpec) -> dict[str, dict[str, float]]:
     """Each node's source proportions, recomputed from the tree and the manifest (paper A.2, A.1.1)."""
     from worldlm.data.mixture import assign_shards, mixture_weights
     from worldlm.data.prepared import load_prepared
-    from worldlm.runners.local import tree_from_config
+    from worldlm.runners.planning import tree_from_config
 
     cfg = spec.cfg
     tree = tree_from_config(cfg)

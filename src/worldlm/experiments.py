@@ -15,6 +15,8 @@ Experiment file:
     methods = ["worldlm", "fl"]     # worldlm, fl, hierfavg, fedper, centralized, local
     seeds = [0, 1, 2]               # optional, default [0]
     set = ["train.rounds=6"]        # optional --set overrides applied to every run
+    [method_set]                    # optional: overrides per method, after `set` and before a variant's
+    fl = ["train.lr_max=3e-3"]      #   (settings chosen per method on validation, e.g. its learning rate)
     [variants.NAME]                 # optional, default: one variant "default" without overrides
     description = "..."             # optional
     base = "../other.toml"          # optional: this variant's own run config (e.g. another tree)
@@ -39,7 +41,7 @@ from worldlm import config as C
 from worldlm.config import _suggest
 from worldlm.errors import ConfigError, WorldLMError
 
-TOP_KEYS = ("name", "description", "base", "methods", "seeds", "set", "variants")
+TOP_KEYS = ("name", "description", "base", "methods", "seeds", "set", "method_set", "variants")
 VARIANT_KEYS = ("description", "base", "set", "methods", "seeds")
 GRID_KEYS = ("method", "seed", "name")  # set per run by the grid, never by an override
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -70,6 +72,7 @@ class Experiment:
     seeds: tuple[int, ...]
     set: tuple[str, ...]
     variants: dict[str, Variant]
+    method_set: dict[str, tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,11 @@ def load_experiment(path: str | Path) -> Experiment:
         raise ConfigError(f"{where}: 'variants' must hold at least one [variants.NAME] table")
     seeds = _seeds(raw, where)
     variants = {v: _variant(v, r, path, methods, seeds, base) for v, r in variants_raw.items()}
+    method_raw = raw.get("method_set", {})
+    if not isinstance(method_raw, dict):
+        raise ConfigError(f'{where}: \'method_set\' must be a table of method = ["KEY=VALUE", ...]')
+    _methods({"methods": list(method_raw)}, f"{where}: method_set", methods, "one of the experiment's methods")
+    method_set = {m: _overrides(_str_list(method_raw, m, f"{where}: method_set"), where) for m in method_raw}
     return Experiment(
         name=name,
         path=path,
@@ -217,6 +225,7 @@ def load_experiment(path: str | Path) -> Experiment:
         seeds=tuple(sorted({k for v in variants.values() for k in v.seeds})),  # every seed some variant runs
         set=_overrides(_str_list(raw, "set", where), where),
         variants=variants,
+        method_set=method_set,
     )
 
 
@@ -232,7 +241,8 @@ def plan_runs(exp: Experiment, out_dir: Path, overrides: Sequence[str] = ()) -> 
             for seed in v.seeds:
                 grid = [f'method="{method}"', f"seed={seed}", f'name="{exp.name}-{v.name}-{method}-seed{seed}"']
                 try:
-                    cfg = C.load_config(v.base, [*exp.set, *v.set, *overrides, *grid])
+                    per_method = exp.method_set.get(method, ())
+                    cfg = C.load_config(v.base, [*exp.set, *per_method, *v.set, *overrides, *grid])
                 except ConfigError as exc:
                     raise ConfigError(f"{exp.path}: variant '{v.name}' ({v.base}): {exc}") from exc
                 specs.append(RunSpec(v.name, method, seed, cfg, out_dir / "runs" / v.name / method / f"seed{seed}"))

@@ -53,6 +53,18 @@ def assign_shards(
     return spans
 
 
+def cap_spans(spans: list[Span], max_tokens: int) -> list[Span]:
+    """At most `max_tokens` of a node's training tokens: the first ones of each span, in its mixture's proportions.
+
+    The data-scarce regime (`data.max_train_tokens`): an organisation with little text. A node
+    already under the cap keeps everything; its mixture proportions stay those of its shards.
+    """
+    total = sum(s.size for s in spans)
+    if total <= max_tokens:
+        return list(spans)
+    return [Span(s.source, s.start, s.start + s.size * max_tokens // total) for s in spans]
+
+
 def mixture_weights(spans: list[Span]) -> np.ndarray:
     """Paper A.1.1: a node samples its sources in proportion to their (shard) sizes."""
     sizes = np.array([s.size for s in spans], dtype=np.float64)

@@ -78,8 +78,9 @@ class FedOptions:
     share_keys: bool = True  # False: FedPer (key layers stay local)
     attention: bool = True  # False: uniform averaging of key layers (ablation)
     nu: int = 1  # residuals per key position per inner node
-    route_to_origin: bool = False  # allow routing a residual back into the subtree it came from
+    route_to_origin: bool = True  # A.3.7; False: never route a residual back into the subtree it came from
     sub_rounds: int = 1  # T_q
+    parallel: bool = False  # §3.1 parallel mode: an inner node trains as a client beside its children
 
 
 @dataclass(frozen=True)
@@ -137,19 +138,23 @@ def aggregate_subtree(
     server_opt: ServerOpt,
     split: Split,
     opts: FedOptions,
+    own: Tensor | None = None,
 ) -> tuple[Tensor, list[Residual], Tensor | None]:
     """Step 4.iv: ServerOpt on the mean pseudo-gradient, attention pooling of keys, residual selection.
 
+    `own`: in the parallel schedule (§3.1) the node trained as a client from `node_params` beside its
+    children; its trained state is then one more pseudo-gradient in the mean and its keys are member 0.
     Returns the node's new state, the residuals it selected, and the attention weights [L, M, M].
     """
     backbone = split.backbone(node_params)
-    deltas = torch.stack([split.backbone(u.params) - backbone for u in updates])  # A: Δ_c = B_c − B
+    trained = ([own] if own is not None else []) + [u.params for u in updates]
+    deltas = torch.stack([split.backbone(p) - backbone for p in trained])  # A: Δ_c = B_c − B
     new_backbone = server_opt.step(backbone, deltas.mean(dim=0))  # B: ServerOpt(mean Δ)
+    node_keys = split.keys(own if own is not None else node_params) if split.key_blocks else backbone[:0]
     if not _uses_keys(split, opts):
-        keys = split.keys(node_params) if split.key_blocks else backbone[:0]
-        return split.join(new_backbone, keys), [], None
+        return split.join(new_backbone, node_keys), [], None
     child_keys = torch.stack([split.keys(u.params) for u in updates])  # [C, L, D]
-    members = torch.cat([split.keys(node_params).unsqueeze(0), child_keys])  # [M, L, D], member 0 = q
+    members = torch.cat([node_keys.unsqueeze(0), child_keys])  # [M, L, D], member 0 = q
     pooled, weights = aggregate_children_batched(members, attention=opts.attention)  # C–D
     picked: list[Residual] = []
     if opts.nu > 0:
@@ -226,15 +231,22 @@ def route_pending(
 
 
 def aggregate_step(
-    st: NodeState, updates: list[Update], senders: list[str], is_root: bool, split: Split, opts: FedOptions
+    st: NodeState,
+    updates: list[Update],
+    senders: list[str],
+    is_root: bool,
+    split: Split,
+    opts: FedOptions,
+    own: Tensor | None = None,
 ) -> tuple[list[Residual], Tensor | None, list[Residual]]:
     """Step 4.iv at an inner node once its children's updates arrived, updating `st` in place.
 
     Returns the residuals it picked, the attention weights, and the residuals to send up (all it
     picked plus those its children sent); the root keeps them as next round's D_r instead.
+    `own`: the node's own trained state in the parallel schedule (see `aggregate_subtree`).
     """
     assert st.server_opt is not None, "an inner node needs a server optimizer"
-    st.params, picked, weights = aggregate_subtree(st.params, updates, senders, st.server_opt, split, opts)
+    st.params, picked, weights = aggregate_subtree(st.params, updates, senders, st.server_opt, split, opts, own)
     forwarded = picked + [r for u in updates for r in u.residuals]
     if is_root:  # the root routes everything down at its next visit of its children
         st.to_route = forwarded
@@ -285,10 +297,16 @@ def message_numel(split: Split, opts: FedOptions, residuals: list[Residual]) -> 
 
 
 def sequential_span(tree: Tree, node: str, opts: FedOptions) -> int:
-    """Sequential steps one visit of `node` takes: its own training, then its slowest child, T_q times."""
+    """Sequential steps one visit of `node` takes: its own training, then its slowest child, T_q times.
+
+    In the parallel schedule (§3.1) the node trains in the same window as its children: the longer of the two.
+    """
     children = tree[node].children
-    below = max((sequential_span(tree, c, opts) for c in children), default=0)
-    return opts.sub_rounds * (opts.local_steps[node] + below) if children else opts.local_steps[node]
+    if not children:
+        return opts.local_steps[node]
+    below = max(sequential_span(tree, c, opts) for c in children)
+    own = opts.local_steps[node]
+    return opts.sub_rounds * (max(own, below) if opts.parallel else own + below)
 
 
 def trainings_per_round(tree: Tree, node: str, opts: FedOptions) -> int:
@@ -299,6 +317,13 @@ def trainings_per_round(tree: Tree, node: str, opts: FedOptions) -> int:
 
 def _keep(_node: str) -> None:
     """The `release` hook of states held in memory: nothing to do."""
+
+
+Observe = Callable[[str, str, int, Tensor], None]
+
+
+def _unobserved(_what: str, _node: str, _step: int, _params: Tensor) -> None:
+    """The `observe` hook of a round nobody traces."""
 
 
 def run_round(
@@ -312,6 +337,7 @@ def run_round(
     privacy: Privatizer | None = None,
     release: Callable[[str], None] = _keep,
     phase: PhaseFn = no_phase,
+    observe: Observe = _unobserved,
 ) -> None:
     """Algorithm 1 for one global round, root first; states are updated in place.
 
@@ -323,6 +349,12 @@ def run_round(
     up (a runner keeping states on disk writes it out then). `phase(name)` times the federation's
     own work: "aggregation" (steps 2–3 and 4.iv), "routing" (4.ii–iii), "serialisation" (the
     update a node sends up) and "privacy" (DP releases); training is timed by the trainer.
+
+    `observe(what, q, step, params)` sees the model that travels: "trained" after q's local
+    training (4.i), "aggregated" after q aggregated its subtree (4.iv); `step` is the sequential
+    step reached. With `opts.parallel` (§3.1) an inner node trains from the model it received, as a
+    client beside its children (who receive that same model) in the same sequential window, and
+    its trained state joins their updates in its aggregation.
     """
     start = round_idx * sequential_span(tree, tree.root, opts)
     received: dict[str, Tensor] = {}  # DP nodes: the parent state they got this visit (the DP reference)
@@ -332,18 +364,26 @@ def run_round(
         children = list(tree[q].children)
         outbox: list[Residual] = []  # residuals this subtree sends up
         for _ in range(opts.sub_rounds if children else 1):  # T_q sub-rounds per parent visit
+            own: Tensor | None = None  # parallel schedule: q's trained state, a member of its own aggregation
             if opts.local_steps[q] > 0:  # 4.i: local training with ClientOpt on the global clock
-                st.params = trainer.train(q, st.params, step, opts.local_steps[q])
-            step += opts.local_steps[q]
+                trained = trainer.train(q, st.params, step, opts.local_steps[q])
+                observe("trained", q, step + opts.local_steps[q], trained)
+                if opts.parallel and children:
+                    own = trained
+                else:
+                    st.params = trained
             if not children:
                 break
+            window = step  # where the children start: after q's training, or beside it in the parallel schedule
+            if not opts.parallel:
+                window += opts.local_steps[q]
             with phase("routing"):
                 routed = _route_down(q, st, children, round_idx)  # 4.ii–iii
             updates: list[Update] = []
             senders: list[str] = []  # children whose update arrived (all of them without DP budgets)
             for c in children:  # notionally in parallel: every child sees the same parent state
                 _send_down(q, c, routed.get(c, []), round_idx)
-                update = visit(c, step)
+                update = visit(c, window)
                 if update is None:  # a DP child whose ε budget is spent sends nothing (§4.2 accounting)
                     emit({"event": "dp_withheld", "round": round_idx, "node": c, "parent": q})
                     continue
@@ -351,12 +391,17 @@ def run_round(
                 senders.append(c)
                 up = message_numel(split, opts, update.residuals)
                 emit({"event": "edge", "round": round_idx, "src": c, "dst": q, "bytes": up * BYTES_PER_VALUE})
-            step += max(sequential_span(tree, c, opts) for c in children)
-            if not updates:  # every child withheld: nothing to aggregate this sub-round
+            below = max(sequential_span(tree, c, opts) for c in children)
+            step = max(step + opts.local_steps[q], window + below)
+            if not updates:  # every child withheld: nothing to aggregate this sub-round (q keeps its own training)
+                st.params = own if own is not None else st.params
                 continue
             assert st.server_opt is not None, f"inner node {q} has no server optimizer"
             with phase("aggregation"):
-                picked, weights, to_parent = aggregate_step(st, updates, senders, q == tree.root, split, opts)  # 4.iv
+                picked, weights, to_parent = aggregate_step(
+                    st, updates, senders, q == tree.root, split, opts, own
+                )  # 4.iv
+            observe("aggregated", q, step, st.params)
             if weights is not None:
                 emit(children_attention_event(round_idx, q, senders, weights))
             for r in picked:

@@ -1,23 +1,20 @@
 """The in-process runner: every node of the tree lives in this process, deterministically.
 
-It turns a method into one or more federations for the engine (DESIGN §2 baselines table),
-owns the one working model, each node's AdamW state and data sampler, evaluates each node's
-personalised model, and writes the run directory (DESIGN §4).
+It runs the planned federations (runners/planning.py) round by round with the in-process trainer
+(runners/trainer.py), evaluates each node's personalised model, checkpoints and resumes, and
+writes the run directory (DESIGN §4) with the records every runner shares (runners/records.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import shutil
 import signal
 import sys
 import threading
 import time
-import zlib
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,378 +25,36 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from worldlm import config as C
-from worldlm.data.mixture import BatchSampler, Span, assign_shards, eval_windows
-from worldlm.data.prepared import Prepared, load_prepared
+from worldlm.data.mixture import eval_windows
+from worldlm.data.prepared import load_prepared
 from worldlm.errors import WorldLMError
 from worldlm.evaluate import evaluate
-from worldlm.federation.privacy import DPSettings, Privacy
-from worldlm.federation.server_opt import ServerOpt, ServerOptConfig, make_server_opt
-from worldlm.federation.tree import NodeSpec, Tree, TreeNode, build_tree, flat_tree
-from worldlm.federation.worldlm import (
-    BYTES_PER_VALUE,
-    FedOptions,
-    NodeState,
-    Split,
-    deployed_models,
-    run_round,
-    sequential_span,
-    trainings_per_round,
-)
+from worldlm.federation.privacy import Privacy
+from worldlm.federation.worldlm import NodeState, run_round, trainings_per_round
 from worldlm.io import JsonlWriter, atomic_write_bytes, atomic_write_json, atomic_write_text
-from worldlm.model import GPT, ParamLayout, gpt_config
-from worldlm.runners.checkpoint import (
-    CannotResume,
-    Part,
-    Snapshot,
-    load_latest,
-    read_part,
-    save_checkpoint,
-    write_part,
+from worldlm.runners.checkpoint import CannotResume, Part, Snapshot, load_latest, save_checkpoint
+from worldlm.runners.node_state import DiskStates, NodeStates, encode_state, load_state
+from worldlm.runners.planning import (
+    make_privacy,
+    node_sampler,
+    personal_models,
+    server_opt_for,
+    set_up,
+    stages_per_round,
 )
-from worldlm.runners.node_state import (
-    DiskStates,
-    MemoryStates,
-    NodeStates,
-    adam_part,
-    encode_state,
-    load_adam,
-    load_state,
+from worldlm.runners.records import (
+    all_diverged,
+    diverged_message,
+    eval_record,
+    run_summary,
+    trace_record,
+    train_record,
 )
-from worldlm.timing import PhaseFn, PhaseTimer, no_phase, round_record
-from worldlm.train import ClientOptConfig, Schedule, TrainStats, make_client_opt, train_steps
+from worldlm.runners.trainer import LocalTrainer
+from worldlm.timing import PhaseTimer, round_record
+from worldlm.train import TrainStats
 
 ProgressFn = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class Federation:
-    """One engine run: a tree, its node data, options; `evaluates` maps user nodes to engine nodes."""
-
-    tree: Tree
-    spans: dict[str, list[Span]]
-    opts: FedOptions
-    split: Split
-    evaluates: dict[str, str]
-    states: NodeStates
-
-
-def tree_from_config(cfg: C.Config) -> Tree:
-    dp = C.dp_nodes(cfg)  # `dp = true` on a node or its name in dp.nodes (DESIGN §2 "Differential privacy")
-    return build_tree([NodeSpec(n.name, n.parent, tuple(n.sources), n.name in dp) for n in cfg.tree.nodes])
-
-
-def make_privacy(cfg: C.Config, fed: Federation) -> Privacy | None:
-    """The DP state of one federation: its nodes flagged dp that have a parent to privatise against (§4.2)."""
-    parents = {n: p for n in fed.tree.order if fed.tree[n].dp and (p := fed.tree[n].parent) is not None}
-    if not parents:
-        return None
-    d = cfg.dp
-    settings = DPSettings(
-        sigma=d.sigma,
-        delta=d.delta,
-        clip=d.clip,
-        initial_clip=d.initial_clip,
-        epsilon_budget=d.epsilon_budget,
-        target_quantile=d.target_quantile,
-        clip_lr=d.clip_lr,
-        bit_sigma=d.bit_sigma,
-    )
-    return Privacy(settings, parents, {n: node_seed(cfg.seed, f"dp-noise/{n}") for n in parents})
-
-
-def _server_opt_cfg(s: C.ServerOptSettings) -> ServerOptConfig:
-    return ServerOptConfig(kind=s.kind, lr=s.lr, momentum=s.momentum, beta1=s.beta1, beta2=s.beta2, tau=s.tau)
-
-
-def server_opt_for(cfg: C.Config, fed: Federation, name: str) -> ServerOpt | None:
-    """A fresh server optimizer for an inner node (its own settings, else federation.server_opt); None for a leaf."""
-    if not fed.tree[name].children:
-        return None
-    own = next((n.server_opt for n in cfg.tree.nodes if n.name == name and n.server_opt), None)
-    return make_server_opt(_server_opt_cfg(own or cfg.federation.server_opt))
-
-
-def _single(name: str, spans: list[Span]) -> Tree:
-    return Tree(
-        nodes={name: TreeNode(name, None, (), tuple(dict.fromkeys(s.source for s in spans)), False, 0)},
-        root=name,
-        order=(name,),
-    )
-
-
-def plan(cfg: C.Config, tree: Tree, spans: dict[str, list[Span]], layout: ParamLayout) -> list[Federation]:
-    """The method as engine configurations, all at equal sequential steps per round (paper §4.2)."""
-    s = cfg.train.local_steps
-    per_round = tree.depth * s  # the hierarchy's sequential steps per round (T_q = 1)
-    fed = cfg.federation
-    keys = layout.split
-    no_keys = Split(layout.total, 0, 0)
-
-    def opts(steps: dict[str, int], **kw: Any) -> FedOptions:
-        return FedOptions(
-            local_steps=steps,
-            nu=fed.nu,
-            attention=fed.attention,
-            route_to_origin=fed.route_to_origin,
-            sub_rounds=fed.sub_rounds,
-            **kw,
-        )
-
-    names = list(tree.order)
-    if cfg.method in ("worldlm", "hierfavg", "fedper"):
-        split = no_keys if cfg.method == "hierfavg" else keys
-        o = opts({n: s for n in names}, share_keys=cfg.method == "worldlm")
-        return [Federation(tree, spans, o, split, {n: n for n in names}, MemoryStates())]
-    if cfg.method == "fl":
-        flat = flat_tree(tree)
-        steps = {n: (0 if n == flat.root else per_round) for n in flat.order}
-        return [Federation(flat, spans, opts(steps), no_keys, {n: n for n in names}, MemoryStates())]
-    if cfg.method == "centralized":
-        pooled = [sp for n in names for sp in spans[n]]
-        single = _single("centralized", pooled)
-        o = opts({"centralized": per_round})
-        evaluates = {n: "centralized" for n in names}
-        return [Federation(single, {"centralized": pooled}, o, no_keys, evaluates, MemoryStates())]
-    # local: every node alone on its own data for the same sequential steps
-    return [
-        Federation(_single(n, spans[n]), {n: spans[n]}, opts({n: per_round}), no_keys, {n: n}, MemoryStates())
-        for n in names
-    ]
-
-
-def personal_models(fed: Federation, which: str) -> Iterator[tuple[str, Tensor]]:
-    """Each engine node's personalised model (see eval.model in config.py), one node at a time."""
-    if which == "deployed":
-        yield from deployed_models(fed.tree, fed.states, fed.split, fed.opts, fed.states.release)
-        return
-    for name in fed.tree.order:
-        with fed.states.use(name) as st:
-            yield name, st.params
-
-
-class LocalTrainer:
-    """Owns the working model and, per node, an AdamW state and a data sampler (engine's NodeTrainer).
-
-    With `offload`, a node's AdamW moments live in a file there between its visits (see
-    federation.offload_states). `phase` times "serialisation" (a node's flat state into and out of
-    the working model), "training" and "offload".
-    """
-
-    def __init__(
-        self,
-        model: GPT,
-        layout: ParamLayout,
-        client: ClientOptConfig,
-        schedule: Schedule,
-        offload: Path | None = None,
-        phase: PhaseFn = no_phase,
-    ) -> None:
-        self.model = model
-        self.layout = layout
-        self.client = client
-        self.schedule = schedule
-        self.offload = offload
-        self.phase = phase
-        self.samplers: dict[str, BatchSampler] = {}
-        self.opts: dict[str, torch.optim.Optimizer] = {}
-        self.on_train: Callable[[str, int, int, TrainStats], None] = lambda *_: None
-        self.on_step: Callable[[str, int, float], None] = lambda *_: None
-
-    def add_node(self, name: str, sampler: BatchSampler) -> None:
-        self.samplers[name] = sampler
-        # Each node's AdamW holds its own moments for the shared working parameters (ClientOpt state).
-        self.opts[name] = make_client_opt(self.model, self.client)
-
-    def _adam_file(self, node: str) -> Path:
-        assert self.offload is not None
-        return self.offload / f"adam-{list(self.opts).index(node)}.safetensors"
-
-    def adam_state(self, node: str) -> Part:
-        """The node's AdamW state (read from its file when offloaded; empty before it first trained)."""
-        if self.offload is None:
-            return adam_part(self.opts[node])
-        file = self._adam_file(node)
-        return read_part(file) if file.is_file() else Part({}, {})
-
-    def set_adam_state(self, node: str, part: Part) -> None:
-        if self.offload is None:
-            load_adam(self.opts[node], part)
-        else:
-            write_part(self._adam_file(node), part, durable=False)
-
-    def train(self, node: str, params: Tensor, start_step: int, n_steps: int) -> Tensor:
-        opt = self.opts[node]
-        with self.phase("serialisation"):
-            self.layout.load(self.model, params)
-        if self.offload is not None:
-            with self.phase("offload"):
-                load_adam(opt, self.adam_state(node))
-        with self.phase("training"):
-            stats = train_steps(
-                self.model,
-                opt,
-                self.samplers[node].next,
-                self.schedule,
-                start_step,
-                n_steps,
-                self.client.grad_clip,
-                on_step=lambda step, loss: self.on_step(node, step, loss),
-            )
-        if self.offload is not None:
-            with self.phase("offload"):
-                self.set_adam_state(node, adam_part(opt))
-                opt.state.clear()
-        self.on_train(node, start_step, n_steps, stats)
-        with self.phase("serialisation"):
-            return self.layout.flatten(self.model)
-
-
-def node_seed(seed: int, name: str) -> int:
-    """A per-node seed that does not depend on the order nodes are created in."""
-    return int(np.random.SeedSequence([seed, zlib.crc32(name.encode())]).generate_state(1)[0])
-
-
-def node_sampler(cfg: C.Config, data: Prepared, fed: Federation, name: str) -> BatchSampler:
-    """A training node's batches: its shards, seeded by the run seed and its name (the same in every runner)."""
-    return BatchSampler(data, fed.spans[name], cfg.model.seq_len, cfg.train.batch_size, node_seed(cfg.seed, name))
-
-
-def train_record(rnd: int, level: int, node: str, end_step: int, stats: TrainStats) -> dict[str, Any]:
-    """The metrics.jsonl record of one node's local training (4.i); stage = tree level + 1."""
-    return {
-        "round": rnd,
-        "stage": level + 1,
-        "node": node,
-        "split": "train",
-        "loss": stats.loss,
-        "ppl": math.exp(min(stats.loss, 50.0)),
-        "tokens": stats.tokens,
-        "seconds": round(stats.seconds, 4),
-        "tokens_per_s": round(stats.tokens / stats.seconds, 1),
-        "step": end_step,
-    }
-
-
-def eval_record(rnd: int, node: str, split: str, loss: float, ppl: float, tokens: int, step: int) -> dict[str, Any]:
-    """The metrics.jsonl record of one node's personalised evaluation (stage None: not a training stage)."""
-    return {
-        "round": rnd,
-        "stage": None,
-        "node": node,
-        "split": split,
-        "loss": loss,
-        "ppl": ppl,
-        "tokens": tokens,
-        "step": step,
-    }
-
-
-def all_diverged(losses: Sequence[float]) -> bool:
-    """Every node that trained this round ended with a NaN/inf loss: the run cannot recover, stop it.
-
-    A non-finite loss means non-finite weights (the step's clipped gradient is NaN), and a NaN
-    spreads through every aggregation it enters, so the remaining rounds would only burn compute.
-    """
-    return bool(losses) and not any(math.isfinite(x) for x in losses)
-
-
-def diverged_message(rnd: int, rounds: int) -> str:
-    return (
-        f"round {rnd}: every node's training loss is NaN/inf, the run diverged; stopping after round {rnd + 1} of "
-        f"{rounds} (summary.json reports NaN perplexities and diverged_round; lower train.lr_max or dp.sigma)"
-    )
-
-
-def run_summary(
-    cfg: C.Config,
-    order: Sequence[str],
-    test: dict[str, dict[str, float]],
-    val: dict[str, dict[str, float]],
-    edges: dict[str, int],
-    sequential_steps: int,
-    model: tuple[int, int],
-    wall_seconds: float,
-    diverged_round: int | None = None,
-) -> dict[str, Any]:
-    """summary.json (DESIGN §4 run directory contract) for every runner; `model` = (parameters, key blocks).
-
-    A node without a test result (a Flower node that never answered) gets None values, is left out
-    of the mean and is listed under "missing_nodes". A run stopped because it diverged (see
-    `all_diverged`) has "diverged_round" and the sequential steps it actually trained.
-    """
-    ppls = np.array([test[n]["ppl"] for n in order if n in test])
-
-    def sent(n: str) -> int:
-        return sum(v for k, v in edges.items() if k.split("->")[0] == n)
-
-    def received(n: str) -> int:
-        return sum(v for k, v in edges.items() if k.split("->")[1] == n)
-
-    summary: dict[str, Any] = {
-        "name": cfg.name,
-        "method": cfg.method,
-        "seed": cfg.seed,
-        "nodes": {
-            n: {
-                "ppl": test[n]["ppl"] if n in test else None,
-                "loss": test[n]["loss"] if n in test else None,
-                "val_ppl": val[n]["ppl"] if n in val else None,
-                "bytes_sent": sent(n),
-                "bytes_received": received(n),
-            }
-            for n in order
-        },
-        "mean_ppl": float(ppls.mean()),
-        "std_ppl": float(ppls.std()),
-        "rounds": cfg.train.rounds,
-        "sequential_steps": sequential_steps,
-        "parameters": model[0],
-        "key_blocks": model[1],
-        "bytes_per_edge": dict(sorted(edges.items())),
-        "bytes_total": sum(edges.values()),
-        "bytes_per_value": BYTES_PER_VALUE,
-        "wall_seconds": round(wall_seconds, 2),
-    }
-    if missing := [n for n in order if n not in test]:
-        summary["missing_nodes"] = missing
-    if diverged_round is not None:
-        summary["diverged_round"] = diverged_round
-    return summary
-
-
-@dataclass
-class RunSetup:
-    """What every runner (in-process, each Flower node) builds alike from a config and its data."""
-
-    tree: Tree
-    spans: dict[str, list[Span]]
-    model: GPT  # the same initial weights everywhere: seeded from cfg.seed just before it is built
-    layout: ParamLayout
-    feds: list[Federation]
-    per_round: int  # sequential steps of one global round
-    schedule: Schedule  # one LR clock over all sequential steps (DESIGN §2)
-    client: ClientOptConfig
-
-
-def set_up(cfg: C.Config, data: Prepared) -> RunSetup:
-    tree = tree_from_config(cfg)
-    train_sizes = {src: data.splits[src]["train"].tokens for src in data.sources}
-    spans = assign_shards(tree, train_sizes, cfg.data.leaf_shards, cfg.data.inner_shards)
-    torch.manual_seed(cfg.seed)
-    model = GPT(gpt_config(cfg.model.preset, data.vocab_size, cfg.model.seq_len))
-    layout = ParamLayout(model, C.key_blocks(cfg) if cfg.method in ("worldlm", "fedper") else 0)
-    feds = plan(cfg, tree, spans, layout)
-    per_round = sequential_span(feds[0].tree, feds[0].tree.root, feds[0].opts)
-    t = cfg.train
-    total_seq = per_round * t.rounds
-    schedule = Schedule(
-        t.lr_max,
-        t.lr_alpha,
-        t.warmup_steps if t.warmup_steps >= 0 else max(1, total_seq // 10),
-        t.total_steps if t.total_steps >= 0 else total_seq,
-    )
-    client = ClientOptConfig(t.weight_decay, t.beta1, t.beta2, t.grad_clip)
-    return RunSetup(tree, spans, model, layout, feds, per_round, schedule, client)
 
 
 class Interrupted(WorldLMError):
@@ -428,6 +83,9 @@ class LocalRun:
         # DP per federation index (only federations holding dp-flagged nodes with a parent)
         self.privacy = {i: p for i, fed in enumerate(self.feds) if (p := make_privacy(cfg, fed)) is not None}
         self.per_round = setup.per_round
+        self.rounds = setup.rounds  # engine rounds: depth x train.rounds where a round is one stage (A.1.2)
+        self.stages = stages_per_round(cfg, self.tree)
+        self.eval_mode = C.eval_model(cfg)  # what `deliverable` means for this method
         self.trainer = LocalTrainer(
             self.model, self.layout, setup.client, setup.schedule, self.offload, self.timer.phase
         )
@@ -446,6 +104,7 @@ class LocalRun:
         self.val: dict[str, dict[str, float]] = {}
         self.metrics: JsonlWriter | None = None
         self.round_seconds: list[dict[str, float | int]] = []  # this session's timing.jsonl records
+        self.tracing = False  # this round is eval.trace_round: evaluate the travelling model (see _observe)
         self.t_start = time.perf_counter()
         self.elapsed_before = 0.0  # wall seconds of earlier sessions of a resumed run
 
@@ -475,6 +134,23 @@ class LocalRun:
         tokens = self.cfg.train.batch_size * self.cfg.model.seq_len
         self.progress({"kind": "step", "node": node, "step": step, "loss": loss, "tokens": tokens})
 
+    def _observe(self, what: str, node: str, step: int, params: Tensor) -> None:
+        """eval.trace_round: the validation loss of the model that travels, after each training and aggregation.
+
+        Scored on the node's own validation windows (when it is a tree node) and on every tree node's
+        (the mean loss over nodes: the windows a shared model is judged on), so the stages of a round,
+        and FL's global model over the same sequential steps, are on one scale.
+        """
+        if not self.tracing:
+            return
+        with self.timer.phase("evaluation"):
+            self.layout.load(self.model, params)
+            losses = {
+                n: evaluate(self.model, self.windows[(n, "val")], self.cfg.eval.batch_size)[0] for n in self.tree.order
+            }
+        own = losses.get(node)
+        self._write(trace_record(self.round, node, what, step, own, float(np.mean(list(losses.values())))))
+
     def _emit(self, event: dict[str, object]) -> None:
         if event["event"] == "edge":
             key = f"{event['src']}->{event['dst']}"
@@ -498,26 +174,33 @@ class LocalRun:
 
     # ------------------------------------------------------------------ evaluation
 
-    def user_models(self) -> Iterator[tuple[str, Tensor]]:
-        """(user node, its personalised model) for every tree node, one engine node's model at a time."""
+    def user_models(self, mode: str) -> Iterator[tuple[str, Tensor]]:
+        """(user node, its model under `mode`, "local" or "deployed") for every tree node, one at a time."""
         for fed in self.feds:
             users: dict[str, list[str]] = {}
             for user_node, engine_node in fed.evaluates.items():
                 users.setdefault(engine_node, []).append(user_node)
-            for engine_node, params in personal_models(fed, self.cfg.eval.model):
+            for engine_node, params in personal_models(fed, mode):
                 for user_node in users.get(engine_node, []):
                     yield user_node, params
 
-    def evaluate_all(self, split: str, rnd: int) -> dict[str, dict[str, float]]:
+    def evaluate_all(self, split: str, rnd: int, fine_tuned: bool = False) -> dict[str, dict[str, float]]:
+        """Every node's delivered model on its own `split` windows (metric of DESIGN §2).
+
+        `fine_tuned`: instead each client's model after its last local steps (eval.model "local"),
+        the "+ local fine-tuning" baseline of FL and HierFAVG, logged as split "<split>_ft".
+        """
         results: dict[str, dict[str, float]] = {}
-        for user_node, params in self.user_models():
+        for user_node, params in self.user_models("local" if fine_tuned else self.eval_mode):
             self.layout.load(self.model, params)
             windows = self.windows[(user_node, split)]
             loss, ppl = evaluate(self.model, windows, self.cfg.eval.batch_size)
             results[user_node] = {"loss": loss, "ppl": ppl}
             tokens = int(windows[:, 1:].numel())
-            self._write(eval_record(rnd, user_node, split, loss, ppl, tokens, (rnd + 1) * self.per_round))
-        self.progress({"kind": "eval", "split": split, "round": rnd, "results": results})
+            name = f"{split}_ft" if fine_tuned else split
+            self._write(eval_record(rnd, user_node, name, loss, ppl, tokens, (rnd + 1) * self.per_round))
+        if not fine_tuned:
+            self.progress({"kind": "eval", "split": split, "round": rnd, "results": results})
         return results
 
     # ------------------------------------------------------------------ checkpoints
@@ -620,19 +303,20 @@ class LocalRun:
             {
                 "kind": "start",
                 "method": self.cfg.method,
-                "total_steps": self.steps_per_round * self.cfg.train.rounds,
+                "total_steps": self.steps_per_round * self.rounds,
                 "done_steps": self.steps_per_round * self.round,
-                "rounds": self.cfg.train.rounds,
+                "rounds": self.rounds,
             }
         )
         phase = self.timer.phase
         try:
             with _graceful_stop() as stop:
-                while self.round < self.cfg.train.rounds:
+                while self.round < self.rounds:
                     rnd = self.round
                     t0 = time.perf_counter()
                     self.timer.take()  # a round's phases only
                     self.round_losses = []
+                    self.tracing = rnd // self.stages == self.cfg.eval.trace_round
                     for i, fed in enumerate(self.feds):
                         privacy = self.privacy.get(i)
                         run_round(
@@ -646,12 +330,13 @@ class LocalRun:
                             privacy,
                             fed.states.release,
                             phase,
+                            self._observe,
                         )
                         if privacy is not None:
                             with phase("privacy"):
                                 self._end_privacy_round(privacy, rnd)
                     diverged = all_diverged(self.round_losses)
-                    if self.cfg.eval.every_round or diverged or rnd == self.cfg.train.rounds - 1:
+                    if self.cfg.eval.every_round or diverged or rnd == self.rounds - 1:
                         with phase("evaluation"):
                             self.val = self.evaluate_all("val", rnd)
                     self.round += 1
@@ -664,37 +349,57 @@ class LocalRun:
                     if diverged:
                         self.diverged_round = rnd
                         self._write({"event": "diverged", "round": rnd})
-                        print(f"worldlm: {diverged_message(rnd, self.cfg.train.rounds)}", file=sys.stderr)
+                        print(f"worldlm: {diverged_message(rnd, self.rounds)}", file=sys.stderr)
                         break
-                    if stop.requested and self.round < self.cfg.train.rounds:
+                    if stop.requested and self.round < self.rounds:
                         raise Interrupted(
-                            f"stopped after round {self.round} of {self.cfg.train.rounds} (checkpoint saved); "
+                            f"stopped after round {self.round} of {self.rounds} (checkpoint saved); "
                             f"continue with: worldlm train CONFIG --resume --out {self.out}"
                         )
             test = self.evaluate_all("test", self.round - 1)
+            fine_tuned = None
+            if C.scores_fine_tuned(self.cfg):  # FL / HierFAVG + local fine-tuning, from the same run
+                fine_tuned = (
+                    self.evaluate_all("test", self.round - 1, fine_tuned=True),
+                    self.evaluate_all("val", self.round - 1, fine_tuned=True),
+                )
         finally:
             self.metrics.close()
             timing.close()
         self._save_models()
         if self.offload is not None:  # scratch: the checkpoints hold what a resume needs
             shutil.rmtree(self.offload)
-        summary = self._summary(test)
+        summary = self._summary(test, fine_tuned)
         atomic_write_json(self.out / "summary.json", summary)
         return summary
 
     def _save_models(self) -> None:
-        for user_node, params in self.user_models():
+        for user_node, params in self.user_models(self.eval_mode):  # what the method delivers to each node
             self.layout.load(self.model, params)
             tensors = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
             path = self.out / "checkpoints" / "final" / f"{user_node}.safetensors"
             atomic_write_bytes(path, save_safetensors(tensors))
 
-    def _summary(self, test: dict[str, dict[str, float]]) -> dict[str, Any]:
+    def _summary(
+        self,
+        test: dict[str, dict[str, float]],
+        fine_tuned: tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]] | None,
+    ) -> dict[str, Any]:
         wall = self.elapsed_before + time.perf_counter() - self.t_start
         parts = (self.model.num_params(), self.layout.key_blocks)
         steps = self.per_round * self.round  # all rounds, unless the run diverged and stopped early
+        tokens = self.steps_per_round * self.round * self.cfg.train.batch_size * self.cfg.model.seq_len
         summary = run_summary(
-            self.cfg, self.tree.order, test, self.val, self.edge_bytes, steps, parts, wall, self.diverged_round
+            self.cfg,
+            self.tree.order,
+            test,
+            self.val,
+            self.edge_bytes,
+            (self.rounds, steps, tokens),
+            parts,
+            wall,
+            self.diverged_round,
+            fine_tuned,
         )
         return {**summary, **self._privacy_summary()}
 

@@ -37,15 +37,8 @@ from worldlm.io import JsonlWriter, atomic_write_json, atomic_write_text
 from worldlm.model import ParamLayout
 from worldlm.runners.flower import wire
 from worldlm.runners.flower.node import check_supported, host_of
-from worldlm.runners.local import (
-    Federation,
-    all_diverged,
-    diverged_message,
-    eval_record,
-    plan,
-    run_summary,
-    tree_from_config,
-)
+from worldlm.runners.planning import Federation, engine_rounds, plan, tree_from_config
+from worldlm.runners.records import all_diverged, diverged_message, eval_record, run_summary
 
 ProgressFn = Callable[[dict[str, Any]], None]
 LogFn = Callable[[str], None]
@@ -396,8 +389,9 @@ class Coordinator:
             self._node_log(final)
         return final
 
-    def _evaluate_node(self, fed: Federation, q: str, split: str, rnd: int, last: bool, deployed: Any | None) -> Job:
-        mode = self.cfg.eval.model
+    def _evaluate_node(
+        self, fed: Federation, q: str, split: str, rnd: int, last: bool, mode: str, deployed: Any | None
+    ) -> Job:
         content = RecordDict(
             {"cfg": ConfigRecord({"node": q, "split": split, "round": rnd, "final": last, "mode": mode})}
         )
@@ -414,19 +408,23 @@ class Coordinator:
         children = fed.tree[q].children
         if mode == "deployed" and children and "deployed" in reply.content.array_records:
             model = reply.content.array_records["deployed"]
-            below = yield Gather([self._evaluate_node(fed, c, split, rnd, last, model) for c in children])
+            below = yield Gather([self._evaluate_node(fed, c, split, rnd, last, mode, model) for c in children])
             for part in below:
                 results.update(part)
         return results
 
-    def evaluate_all(self, split: str, rnd: int, last: bool = False) -> dict[str, dict[str, float]]:
+    def evaluate_all(
+        self, split: str, rnd: int, last: bool = False, fine_tuned: bool = False
+    ) -> dict[str, dict[str, float]]:
+        """As LocalRun.evaluate_all: the delivered models, or with `fine_tuned` each client's own (split "*_ft")."""
+        mode = "local" if fine_tuned else C.eval_model(self.cfg)
         jobs: list[Job] = []
         for fed in self.feds:
-            if self.cfg.eval.model == "deployed":
-                jobs.append(self._evaluate_node(fed, fed.tree.root, split, rnd, last, None))
+            if mode == "deployed":
+                jobs.append(self._evaluate_node(fed, fed.tree.root, split, rnd, last, mode, None))
             else:
                 for eng in dict.fromkeys(fed.evaluates.values()):
-                    jobs.append(self._evaluate_node(fed, eng, split, rnd, last, None))
+                    jobs.append(self._evaluate_node(fed, eng, split, rnd, last, mode, None))
         results: dict[str, dict[str, float]] = {}
         for part in self.dispatcher.run(jobs):
             results.update(part)
@@ -436,9 +434,11 @@ class Coordinator:
                     continue
                 r = results[user]
                 step = (rnd + 1) * self.per_round
-                self._write(eval_record(rnd, user, split, r["loss"], r["ppl"], int(r["tokens"]), step))
+                name = f"{split}_ft" if fine_tuned else split
+                self._write(eval_record(rnd, user, name, r["loss"], r["ppl"], int(r["tokens"]), step))
         shown = {u: {"loss": r["loss"], "ppl": r["ppl"]} for u, r in results.items()}
-        self.progress({"kind": "eval", "split": split, "round": rnd, "results": shown})
+        if not fine_tuned:
+            self.progress({"kind": "eval", "split": split, "round": rnd, "results": shown})
         return shown
 
     # ------------------------------------------------------------------ the run
@@ -468,11 +468,12 @@ class Coordinator:
             first = self.feds[0]
             self.per_round = sequential_span(first.tree, first.tree.root, first.opts)
             self.feds_steps = {n: f.opts.local_steps[n] for f in self.feds for n in f.tree.order}
-            total = steps_per_round(self.feds) * cfg.train.rounds
-            self.progress({"kind": "start", "method": cfg.method, "total_steps": total, "rounds": cfg.train.rounds})
+            planned = engine_rounds(cfg, self.tree)
+            total = steps_per_round(self.feds) * planned
+            self.progress({"kind": "start", "method": cfg.method, "total_steps": total, "rounds": planned})
             val: dict[str, dict[str, float]] = {}
-            rounds, diverged = cfg.train.rounds, None
-            for rnd in range(cfg.train.rounds):
+            rounds, diverged = planned, None
+            for rnd in range(planned):
                 if rnd > 0:
                     for name in self.directory.refresh(wait=min(self.timeout, 30.0)):
                         self._write({"event": "rejoined", "round": rnd, "node": name})
@@ -485,19 +486,26 @@ class Coordinator:
                 if self.trained == 0:
                     raise WorldLMError(f"round {rnd}: no node answered; see the log above")
                 stop = all_diverged(self.round_losses)
-                if cfg.eval.every_round or stop or rnd == cfg.train.rounds - 1:
+                if cfg.eval.every_round or stop or rnd == planned - 1:
                     val = self.evaluate_all("val", rnd)
-                self.log(f"round {rnd + 1}/{cfg.train.rounds} done")
+                self.log(f"round {rnd + 1}/{planned} done")
                 if stop:
                     rounds, diverged = rnd + 1, rnd
                     self._write({"event": "diverged", "round": rnd})
-                    self.log(diverged_message(rnd, cfg.train.rounds))
+                    self.log(diverged_message(rnd, planned))
                     break
             test = self.evaluate_all("test", rounds - 1, last=True)
+            fine_tuned = None
+            if C.scores_fine_tuned(cfg):  # FL / HierFAVG + local fine-tuning, from the same run
+                fine_tuned = (
+                    self.evaluate_all("test", rounds - 1, fine_tuned=True),
+                    self.evaluate_all("val", rounds - 1, fine_tuned=True),
+                )
         finally:
             self.metrics.close()
         wall = time.perf_counter() - t_start
-        summary = self._summary(test, val, int(info["parameters"]), kb, wall, rounds, diverged)
+        done = (planned, rounds, steps_per_round(self.feds) * rounds * cfg.train.batch_size * cfg.model.seq_len)
+        summary = self._summary(test, val, int(info["parameters"]), kb, wall, done, diverged, fine_tuned)
         atomic_write_json(self.out / "summary.json", summary)
         return summary
 
@@ -508,11 +516,18 @@ class Coordinator:
         params: int,
         kb: int,
         wall: float,
-        rounds: int,
+        done: tuple[int, int, int],
         diverged: int | None,
+        fine_tuned: tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]] | None,
     ) -> dict[str, Any]:
-        """summary.json as LocalRun writes it; nodes that never answered the test are listed as missing."""
+        """summary.json as LocalRun writes it; nodes that never answered the test are listed as missing.
+
+        `done` = (rounds planned, rounds run, training tokens of all nodes).
+        """
         if not test:
             raise WorldLMError("no node answered the final evaluation; no summary")
-        steps = self.per_round * rounds
-        return run_summary(self.cfg, self.tree.order, test, val, self.edge_bytes, steps, (params, kb), wall, diverged)
+        planned, rounds, tokens = done
+        progress = (planned, self.per_round * rounds, tokens)
+        return run_summary(
+            self.cfg, self.tree.order, test, val, self.edge_bytes, progress, (params, kb), wall, diverged, fine_tuned
+        )

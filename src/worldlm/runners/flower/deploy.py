@@ -36,7 +36,7 @@ from worldlm.io import atomic_write_text
 from worldlm.runners.flower import FLOWER_ENV, require_flower
 from worldlm.runners.flower.coordinator import ProgressFn, engine_plan, step_events, steps_per_round
 from worldlm.runners.flower.node import check_supported
-from worldlm.runners.local import tree_from_config
+from worldlm.runners.planning import engine_rounds, tree_from_config
 
 CONNECTION = "worldlm-local"
 APP_PYPROJECT = """\
@@ -219,8 +219,9 @@ class _Follower:
         self.path, self.cfg, self.progress = path, cfg, progress
         feds = engine_plan(cfg, tree_from_config(cfg))
         self.steps = {n: f.opts.local_steps[n] for f in feds for n in f.tree.order}
-        total = steps_per_round(feds) * cfg.train.rounds
-        progress({"kind": "start", "method": cfg.method, "total_steps": total, "rounds": cfg.train.rounds})
+        rounds = engine_rounds(cfg, tree_from_config(cfg))
+        total = steps_per_round(feds) * rounds
+        progress({"kind": "start", "method": cfg.method, "total_steps": total, "rounds": rounds})
         self.offset = 0
         self.evals: dict[tuple[int, str], dict[str, dict[str, float]]] = {}
         self.n_eval = 0

@@ -30,7 +30,7 @@ from worldlm.runners.flower import require_flower
 from worldlm.runners.flower.app import make_client_app, make_server_app
 from worldlm.runners.flower.coordinator import Coordinator, ProgressFn
 from worldlm.runners.flower.node import check_supported
-from worldlm.runners.local import tree_from_config
+from worldlm.runners.planning import tree_from_config
 
 
 class InProcessGrid(Grid):

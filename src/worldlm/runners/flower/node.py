@@ -52,16 +52,10 @@ from worldlm.federation.worldlm import (
 from worldlm.io import atomic_write_bytes
 from worldlm.runners.checkpoint import Part
 from worldlm.runners.flower import wire
-from worldlm.runners.local import (
-    Federation,
-    LocalTrainer,
-    node_sampler,
-    server_opt_for,
-    set_up,
-    train_record,
-    tree_from_config,
-)
 from worldlm.runners.node_state import adam_part, encode_state, load_adam, load_state
+from worldlm.runners.planning import Federation, node_sampler, server_opt_for, set_up, tree_from_config
+from worldlm.runners.records import train_record
+from worldlm.runners.trainer import LocalTrainer
 from worldlm.train import TrainStats
 
 STATE_KEY = "worldlm"  # the ArrayRecord in Context.state holding this node's private state
@@ -78,6 +72,16 @@ def check_supported(cfg: C.Config) -> None:
         raise WorldLMError(
             "differential privacy (dp nodes) is not available on the Flower runner yet; "
             "run DP configs with the in-process runner"
+        )
+    if C.is_hierarchy(cfg) and cfg.federation.schedule == "parallel":
+        raise WorldLMError(
+            "federation.schedule = 'parallel' is not available on the Flower runner yet; "
+            "run it with the in-process runner (worldlm train CONFIG) or use schedule = 'sequential'"
+        )
+    if cfg.eval.trace_round >= 0:
+        raise WorldLMError(
+            "eval.trace_round evaluates every travelling model on every node's data, which only the in-process "
+            "runner can do; run the trace with worldlm train CONFIG"
         )
 
 

@@ -1,0 +1,208 @@
+"""Planning a run: a method as engine federations (DESIGN §2 baselines table), its rounds and its set-up.
+
+Every runner (in-process, each Flower node) builds a run alike from a config and its data: the same
+tree, shards, initial model, federations, LR schedule and per-node samplers, so the same seed gives
+the same numbers everywhere.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from worldlm import config as C
+from worldlm.data.mixture import BatchSampler, Span, assign_shards, cap_spans
+from worldlm.data.prepared import Prepared
+from worldlm.federation.privacy import DPSettings, Privacy
+from worldlm.federation.server_opt import ServerOpt, ServerOptConfig, make_server_opt
+from worldlm.federation.tree import NodeSpec, Tree, TreeNode, build_tree, flat_tree
+from worldlm.federation.worldlm import FedOptions, Split, deployed_models, sequential_span
+from worldlm.model import GPT, ParamLayout, gpt_config
+from worldlm.runners.node_state import MemoryStates, NodeStates
+from worldlm.train import ClientOptConfig, Schedule
+
+
+@dataclass
+class Federation:
+    """One engine run: a tree, its node data, options; `evaluates` maps user nodes to engine nodes."""
+
+    tree: Tree
+    spans: dict[str, list[Span]]
+    opts: FedOptions
+    split: Split
+    evaluates: dict[str, str]
+    states: NodeStates
+
+
+def tree_from_config(cfg: C.Config) -> Tree:
+    dp = C.dp_nodes(cfg)  # `dp = true` on a node or its name in dp.nodes (DESIGN §2 "Differential privacy")
+    return build_tree([NodeSpec(n.name, n.parent, tuple(n.sources), n.name in dp) for n in cfg.tree.nodes])
+
+
+def make_privacy(cfg: C.Config, fed: Federation) -> Privacy | None:
+    """The DP state of one federation: its nodes flagged dp that have a parent to privatise against (§4.2)."""
+    parents = {n: p for n in fed.tree.order if fed.tree[n].dp and (p := fed.tree[n].parent) is not None}
+    if not parents:
+        return None
+    d = cfg.dp
+    settings = DPSettings(
+        sigma=d.sigma,
+        delta=d.delta,
+        clip=d.clip,
+        initial_clip=d.initial_clip,
+        epsilon_budget=d.epsilon_budget,
+        target_quantile=d.target_quantile,
+        clip_lr=d.clip_lr,
+        bit_sigma=d.bit_sigma,
+    )
+    return Privacy(settings, parents, {n: node_seed(cfg.seed, f"dp-noise/{n}") for n in parents})
+
+
+def _server_opt_cfg(s: C.ServerOptSettings) -> ServerOptConfig:
+    return ServerOptConfig(kind=s.kind, lr=s.lr, momentum=s.momentum, beta1=s.beta1, beta2=s.beta2, tau=s.tau)
+
+
+def server_opt_for(cfg: C.Config, fed: Federation, name: str) -> ServerOpt | None:
+    """A fresh server optimizer for an inner node (its own settings, else federation.server_opt); None for a leaf."""
+    if not fed.tree[name].children:
+        return None
+    own = next((n.server_opt for n in cfg.tree.nodes if n.name == name and n.server_opt), None)
+    return make_server_opt(_server_opt_cfg(own or cfg.federation.server_opt))
+
+
+def _single(name: str, spans: list[Span]) -> Tree:
+    return Tree(
+        nodes={name: TreeNode(name, None, (), tuple(dict.fromkeys(s.source for s in spans)), False, 0)},
+        root=name,
+        order=(name,),
+    )
+
+
+def stages_per_round(cfg: C.Config, tree: Tree) -> int:
+    """Engine rounds per global round: depth when a round is one stage of local_steps, else 1.
+
+    Paper A.1.2: at equal sequential steps FL runs 3 rounds of `local_steps` per client where a
+    3-level hierarchy runs one round of 3 × `local_steps`; so does the hierarchy in the parallel
+    schedule (§3.1), where every level trains in the same window.
+    """
+    fed = cfg.federation
+    per_stage = (cfg.method == "fl" and fed.fl_round == "stage") or (C.is_hierarchy(cfg) and fed.schedule == "parallel")
+    return tree.depth if per_stage else 1
+
+
+def engine_rounds(cfg: C.Config, tree: Tree) -> int:
+    """Rounds the engine runs for `train.rounds` global rounds, all methods at equal sequential steps."""
+    return cfg.train.rounds * stages_per_round(cfg, tree)
+
+
+def plan(cfg: C.Config, tree: Tree, spans: dict[str, list[Span]], layout: ParamLayout) -> list[Federation]:
+    """The method as engine configurations, all at equal sequential steps per global round (paper §4.2, A.1.2).
+
+    A global round is depth × local_steps sequential steps (the hierarchy's sequential schedule, T_q = 1);
+    engines whose round is one stage (FL as in A.1.2, the parallel schedule) run `stages_per_round` rounds
+    for each global round (see `engine_rounds`).
+    """
+    s = cfg.train.local_steps
+    per_round = tree.depth * s  # sequential steps of one global round
+    fed = cfg.federation
+    keys = layout.split
+    no_keys = Split(layout.total, 0, 0)
+
+    def opts(steps: dict[str, int], **kw: Any) -> FedOptions:
+        return FedOptions(
+            local_steps=steps,
+            nu=fed.nu,
+            attention=fed.attention,
+            route_to_origin=fed.route_to_origin,
+            sub_rounds=fed.sub_rounds,
+            **kw,
+        )
+
+    names = list(tree.order)
+    if C.is_hierarchy(cfg):
+        split = no_keys if cfg.method == "hierfavg" else keys
+        o = opts({n: s for n in names}, share_keys=cfg.method == "worldlm", parallel=fed.schedule == "parallel")
+        return [Federation(tree, spans, o, split, {n: n for n in names}, MemoryStates())]
+    if cfg.method == "fl":
+        flat = flat_tree(tree)
+        client_steps = per_round // stages_per_round(cfg, tree)  # A.1.2: local_steps per FL round by default
+        steps = {n: (0 if n == flat.root else client_steps) for n in flat.order}
+        return [Federation(flat, spans, opts(steps), no_keys, {n: n for n in names}, MemoryStates())]
+    if cfg.method == "centralized":
+        pooled = [sp for n in names for sp in spans[n]]
+        single = _single("centralized", pooled)
+        o = opts({"centralized": per_round})
+        evaluates = {n: "centralized" for n in names}
+        return [Federation(single, {"centralized": pooled}, o, no_keys, evaluates, MemoryStates())]
+    # local: every node alone on its own data for the same sequential steps
+    return [
+        Federation(_single(n, spans[n]), {n: spans[n]}, opts({n: per_round}), no_keys, {n: n}, MemoryStates())
+        for n in names
+    ]
+
+
+def personal_models(fed: Federation, which: str) -> Iterator[tuple[str, Tensor]]:
+    """Each engine node's personalised model (see eval.model in config.py), one node at a time."""
+    if which == "deployed":
+        yield from deployed_models(fed.tree, fed.states, fed.split, fed.opts, fed.states.release)
+        return
+    for name in fed.tree.order:
+        with fed.states.use(name) as st:
+            yield name, st.params
+
+
+def node_seed(seed: int, name: str) -> int:
+    """A per-node seed that does not depend on the order nodes are created in."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(name.encode())]).generate_state(1)[0])
+
+
+def node_sampler(cfg: C.Config, data: Prepared, fed: Federation, name: str) -> BatchSampler:
+    """A training node's batches: its shards, seeded by the run seed and its name (the same in every runner)."""
+    return BatchSampler(data, fed.spans[name], cfg.model.seq_len, cfg.train.batch_size, node_seed(cfg.seed, name))
+
+
+@dataclass
+class RunSetup:
+    """What every runner (in-process, each Flower node) builds alike from a config and its data."""
+
+    tree: Tree
+    spans: dict[str, list[Span]]
+    model: GPT  # the same initial weights everywhere: seeded from cfg.seed just before it is built
+    layout: ParamLayout
+    feds: list[Federation]
+    rounds: int  # engine rounds (see engine_rounds)
+    per_round: int  # sequential steps of one engine round
+    schedule: Schedule  # one LR clock over all sequential steps (DESIGN §2)
+    client: ClientOptConfig
+
+
+def set_up(cfg: C.Config, data: Prepared) -> RunSetup:
+    tree = tree_from_config(cfg)
+    train_sizes = {src: data.splits[src]["train"].tokens for src in data.sources}
+    spans = assign_shards(tree, train_sizes, cfg.data.leaf_shards, cfg.data.inner_shards)
+    if cfg.data.max_train_tokens > 0:  # the data-scarce regime: each node keeps only its first tokens
+        spans = {n: cap_spans(sp, cfg.data.max_train_tokens) for n, sp in spans.items()}
+    torch.manual_seed(cfg.seed)
+    model = GPT(gpt_config(cfg.model.preset, data.vocab_size, cfg.model.seq_len))
+    layout = ParamLayout(model, C.key_blocks(cfg) if cfg.method in ("worldlm", "fedper") else 0)
+    feds = plan(cfg, tree, spans, layout)
+    per_round = sequential_span(feds[0].tree, feds[0].tree.root, feds[0].opts)
+    rounds = engine_rounds(cfg, tree)
+    t = cfg.train
+    total_seq = per_round * rounds
+    schedule = Schedule(
+        t.lr_max,
+        t.lr_alpha,
+        t.warmup_steps if t.warmup_steps >= 0 else max(1, total_seq // 10),
+        t.total_steps if t.total_steps >= 0 else total_seq,
+    )
+    client = ClientOptConfig(t.weight_decay, t.beta1, t.beta2, t.grad_clip)
+    return RunSetup(tree, spans, model, layout, feds, rounds, per_round, schedule, client)
+
+
