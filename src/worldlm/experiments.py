@@ -214,7 +214,7 @@ def load_experiment(path: str | Path) -> Experiment:
     variants = {v: _variant(v, r, path, methods, seeds, base) for v, r in variants_raw.items()}
     method_raw = raw.get("method_set", {})
     if not isinstance(method_raw, dict):
-        raise ConfigError(f'{where}: \'method_set\' must be a table of method = ["KEY=VALUE", ...]')
+        raise ConfigError(f"{where}: 'method_set' must be a table of method = [\"KEY=VALUE\", ...]")
     _methods({"methods": list(method_raw)}, f"{where}: method_set", methods, "one of the experiment's methods")
     method_set = {m: _overrides(_str_list(method_raw, m, f"{where}: method_set"), where) for m in method_raw}
     return Experiment(

@@ -204,5 +204,3 @@ def set_up(cfg: C.Config, data: Prepared) -> RunSetup:
     )
     client = ClientOptConfig(t.weight_decay, t.beta1, t.beta2, t.grad_clip)
     return RunSetup(tree, spans, model, layout, feds, rounds, per_round, schedule, client)
-
-
