@@ -449,6 +449,25 @@ def dumps(cfg: Config) -> str:
     return tomli_w.dumps(to_dict(cfg))
 
 
+# Keys added after runs were committed, with the value that reproduces what those runs did: a saved
+# config.toml without one of them meant that value, so complete earlier runs still count as complete.
+ADDED_KEYS: dict[tuple[str, str], Any] = {
+    ("data", "max_train_tokens"): 0,
+    ("federation", "schedule"): "sequential",
+    ("federation", "fl_round"): "global",  # FL clients trained depth x local_steps per round before issue 14
+    ("eval", "trace_round"): -1,
+}
+
+
 def same_config(path: Path, cfg: Config) -> bool:
-    """A run directory's config.toml is exactly `cfg` resolved (resume and experiment skip checks)."""
-    return path.is_file() and path.read_text(encoding="utf-8") == dumps(cfg)
+    """A run directory's config.toml is `cfg` resolved (resume and experiment skip checks); see ADDED_KEYS."""
+    if not path.is_file():
+        return False
+    try:
+        saved = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False
+    for (table, key), value in ADDED_KEYS.items():
+        if isinstance(saved.get(table), dict):
+            saved[table].setdefault(key, value)
+    return saved == tomllib.loads(dumps(cfg))

@@ -1,14 +1,19 @@
-"""The experiment report (issue 5): report.json, report.md and the plots, from the complete runs.
+"""The experiment report (issues 5, 14): report.json, report.md and the plots, from the complete runs.
 
-The metric is personalised test perplexity (DESIGN §2): each node's final model on its own test
-windows. Per (variant, method): the mean over nodes of each seed's run, averaged over seeds; the
-(population) std over nodes, averaged over seeds; the std over seeds of the per-seed means; and the
-ratio of the mean to WorldLM's in the same variant (the paper's "×" comparisons, Tables 1–3).
+The metric is personalised test perplexity (DESIGN §2): what each method delivers to a node, on that
+node's own test windows. Per (variant, method): the mean over nodes of each seed's run, averaged over
+seeds; the (population) std over nodes, averaged over seeds; the std over seeds of the per-seed means;
+and the ratio of the mean to WorldLM's in the same variant (the paper's "×" comparisons, Tables 1–3).
+FL and HierFAVG runs judged by their global model also give "<method> + ft" rows (each client after
+its last local steps, from the same runs). Beside the test numbers: validation perplexity (what
+settings are chosen on), and each method against compute (training tokens of all nodes together),
+with the validation perplexity every method reaches at the compute of the cheapest one.
 """
 
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import math
 from collections import defaultdict
@@ -32,24 +37,34 @@ class RunData:
     spec: RunSpec
     summary: dict[str, Any]
     val: dict[str, plots.Curve]  # node -> validation perplexity against sequential steps
+    val_compute: dict[str, plots.Curve]  # node -> validation perplexity against training tokens of all nodes
     attention: list[dict[str, Any]]
     routes: list[dict[str, Any]]
+    trace: list[dict[str, Any]]  # eval.trace_round records
+    tokens: int  # training tokens of all nodes in the whole run (its compute)
 
 
 def read_run(spec: RunSpec) -> RunData:
     val: dict[str, plots.Curve] = defaultdict(list)
-    attention, routes = [], []
+    val_compute: dict[str, plots.Curve] = defaultdict(list)
+    attention, routes, trace = [], [], []
+    tokens = 0  # training tokens of all nodes so far: a round's evaluation follows its training
     with (spec.dir / "metrics.jsonl").open(encoding="utf-8") as fh:
         for line in fh:
             rec = json.loads(line)
-            if rec.get("split") == "val":
+            if rec.get("split") == "train":
+                tokens += int(rec["tokens"])
+            elif rec.get("split") == "val":
                 val[rec["node"]].append((int(rec["step"]), float(rec["ppl"])))
+                val_compute[rec["node"]].append((tokens, float(rec["ppl"])))
             elif rec.get("event") == "attention":
                 attention.append(rec)
             elif rec.get("event") == "residual_route":
                 routes.append(rec)
+            elif rec.get("event") == "trace":
+                trace.append(rec)
     summary = json.loads((spec.dir / "summary.json").read_text(encoding="utf-8"))
-    return RunData(spec, summary, dict(val), attention, routes)
+    return RunData(spec, summary, dict(val), dict(val_compute), attention, routes, trace, tokens)
 
 
 def mean_curve(curves: list[plots.Curve]) -> plots.Curve:
@@ -64,20 +79,51 @@ def mean_curve(curves: list[plots.Curve]) -> plots.Curve:
 # ---------------------------------------------------------------------------- numbers
 
 
-def method_stats(runs: list[RunData]) -> dict[str, Any]:
-    means = np.array([r.summary["mean_ppl"] for r in runs])
+FT = " + ft"  # the "+ local fine-tuning" rows: each client's model after its last local steps (ppl_ft)
+
+
+def _val_mean(summary: dict[str, Any], key: str) -> float:
+    values = [v[key] for v in summary["nodes"].values() if v.get(key) is not None]
+    return float(np.mean(values)) if values else math.nan
+
+
+def method_stats(runs: list[RunData], fine_tuned: bool = False) -> dict[str, Any]:
+    """A method's numbers over its seeds; `fine_tuned`: its "+ ft" row (summary.json's *_ft values)."""
+    ft = "_ft" if fine_tuned else ""
+    means = np.array([r.summary[f"mean_ppl{ft}"] for r in runs])
     nodes = list(runs[0].summary["nodes"])
     return {
         "mean_ppl": float(means.mean()),
-        "std_over_nodes": float(np.mean([r.summary["std_ppl"] for r in runs])),
+        "std_over_nodes": float(np.mean([r.summary[f"std_ppl{ft}"] for r in runs])),
         "std_over_seeds": float(means.std()),
+        "val_ppl": float(np.mean([_val_mean(r.summary, f"val_ppl{ft}") for r in runs])),
         "ratio_to_worldlm": None,
         "seeds": [r.spec.seed for r in runs],
         "sequential_steps": max(int(r.summary["sequential_steps"]) for r in runs),  # a diverged run stops early
+        "rounds": max(int(r.summary["rounds"]) for r in runs),
+        "train_tokens": max(r.tokens for r in runs),
+        "val_ppl_at_equal_compute": None,
         "wall_seconds_mean": float(np.mean([r.summary["wall_seconds"] for r in runs])),
-        "nodes": {n: float(np.mean([r.summary["nodes"][n]["ppl"] for r in runs])) for n in nodes},
-        "privacy": privacy_stats(runs),
+        "nodes": {n: float(np.mean([r.summary["nodes"][n][f"ppl{ft}"] for r in runs])) for n in nodes},
+        "privacy": None if fine_tuned else privacy_stats(runs),
     }
+
+
+def method_curve(runs: list[RunData], compute: bool = False) -> plots.Curve:
+    """Validation perplexity, mean over nodes then seeds, against sequential steps or compute (training tokens)."""
+    return mean_curve([mean_curve(list((r.val_compute if compute else r.val).values())) for r in runs])
+
+
+def value_at(curve: plots.Curve, x: float) -> float | None:
+    """The curve at x, log-linear between its two neighbouring points; None outside the curve."""
+    exact = [y for x_k, y in curve if x_k == x]
+    if exact:
+        return exact[-1]
+    for (x0, y0), (x1, y1) in itertools.pairwise(curve):
+        if x0 < x < x1:
+            t = (x - x0) / (x1 - x0)
+            return float(math.exp((1 - t) * math.log(y0) + t * math.log(y1)))
+    return None
 
 
 def privacy_stats(runs: list[RunData]) -> dict[str, Any] | None:
@@ -94,12 +140,27 @@ def privacy_stats(runs: list[RunData]) -> dict[str, Any] | None:
     }
 
 
-def variant_stats(runs: dict[str, list[RunData]]) -> dict[str, dict[str, Any]]:
-    stats = {m: method_stats(rs) for m, rs in runs.items() if rs}
+def variant_stats(runs: dict[str, list[RunData]]) -> tuple[dict[str, dict[str, Any]], int | None]:
+    """Per method (and "+ ft" row) its stats, and the equal-compute budget: the cheapest method's training tokens.
+
+    Every method's validation perplexity is read off its compute curve at that budget (issue 14 item 5).
+    """
+    stats: dict[str, dict[str, Any]] = {}
+    for m, rs in runs.items():
+        if not rs:
+            continue
+        stats[m] = method_stats(rs)
+        if all("mean_ppl_ft" in r.summary for r in rs):
+            stats[m + FT] = method_stats(rs, fine_tuned=True)
     if REFERENCE in stats:
         for s in stats.values():
             s["ratio_to_worldlm"] = s["mean_ppl"] / stats[REFERENCE]["mean_ppl"]
-    return stats
+    curves = {m: method_curve(rs, compute=True) for m, rs in runs.items() if rs and any(r.val_compute for r in rs)}
+    budget = min((c[-1][0] for c in curves.values() if c), default=None)
+    if budget is not None:
+        for m, curve in curves.items():
+            stats[m]["val_ppl_at_equal_compute"] = value_at(curve, budget)
+    return stats, budget
 
 
 def run_row(run: RunData, out_dir: Path) -> dict[str, Any]:
@@ -179,8 +240,15 @@ def variant_plots(variant: str, runs: dict[str, list[RunData]], out_dir: Path, m
     files: dict[str, Path] = {}
     if len(done) > 1:
         files["val_ppl"] = folder / "val_ppl.png"
-        curves = {m: mean_curve([mean_curve(list(r.val.values())) for r in rs]) for m, rs in done.items()}
+        curves = {m: method_curve(rs) for m, rs in done.items()}
         plots.curve_panels({"mean over nodes and seeds": curves}, files["val_ppl"], f"{variant}: validation perplexity")
+        files["val_ppl_compute"] = folder / "val_ppl_compute.png"
+        plots.curve_panels(
+            {"mean over nodes and seeds": {m: method_curve(rs, compute=True) for m, rs in done.items()}},
+            files["val_ppl_compute"],
+            f"{variant}: validation perplexity against compute",
+            xlabel="training tokens of all nodes together",
+        )
     if done:
         files["val_nodes"] = folder / "val_nodes.png"
         panels = {m: {n: mean_curve([r.val[n] for r in rs]) for n in rs[0].val} for m, rs in done.items()}
@@ -194,8 +262,39 @@ def variant_plots(variant: str, runs: dict[str, list[RunData]], out_dir: Path, m
         files["residual_flows"] = folder / "residual_flows.png"
         title = f"{variant}: WorldLM residual routing (per run, mean over seeds)"
         plots.flow_heatmap(counts, origins, dests, files["residual_flows"], title)
+    traced = {m: rs for m, rs in done.items() if any(r.trace for r in rs)}
+    if traced:
+        files["trace"] = folder / "trace.png"
+        points = {
+            m: [(p["step"], p["val_loss_all"], _trace_label(p)) for p in trace_points(rs)] for m, rs in traced.items()
+        }
+        plots.trace_plot(points, files["trace"], f"{variant}: one round traced (mean over seeds)")
     files["mixture"] = mixture_file
     return {kind: str(p.relative_to(out_dir)) for kind, p in files.items()}
+
+
+def trace_points(runs: list[RunData]) -> list[dict[str, Any]]:
+    """A method's traced round, each point's losses averaged over seeds (the points are the same in every seed)."""
+    seeds = [r.trace for r in runs if r.trace]
+    out = []
+    for k, point in enumerate(seeds[0]):
+        same = [t[k] for t in seeds if len(t) > k]
+        own = [p["val_loss"] for p in same if p["val_loss"] is not None]
+        out.append(
+            {
+                "round": point["round"],
+                "node": point["node"],
+                "what": point["what"],
+                "step": point["step"],
+                "val_loss_all": float(np.mean([p["val_loss_all"] for p in same])),
+                "val_loss": float(np.mean(own)) if own else None,
+            }
+        )
+    return out
+
+
+def _trace_label(point: dict[str, Any]) -> str:
+    return f"{point['node']} {'T' if point['what'] == 'trained' else 'A'}"
 
 
 def mixture_files(exp: Experiment, first_spec: dict[str, RunSpec], out_dir: Path) -> dict[str, Path]:
@@ -285,16 +384,28 @@ def _variant_md(name: str, v: dict[str, Any], n_seeds: int) -> list[str]:
     if not stats:
         return [*lines, "No complete run yet.", ""]
     lines += [
-        "| method | mean ppl | ± over nodes | ± over seeds | / worldlm | seeds | sequential steps | wall s / run |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | mean ppl | ± over nodes | ± over seeds | / worldlm | val ppl | val ppl at equal compute "
+        "| seeds | rounds | sequential steps | training tokens | wall s / run |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m, s in stats.items():
         ratio = _ratio(s["ratio_to_worldlm"]) if s["ratio_to_worldlm"] is not None else "–"
         over_seeds = _ppl(s["std_over_seeds"]) if len(s["seeds"]) > 1 else "–"  # one seed: no spread to show
+        at_compute = s.get("val_ppl_at_equal_compute")
         lines.append(
-            f"| {m} | **{_ppl(s['mean_ppl'])}** | {_ppl(s['std_over_nodes'])} | {over_seeds} | "
-            f"{ratio} | {len(s['seeds'])}/{n_seeds} | {s['sequential_steps']} | {s['wall_seconds_mean']:.0f} |"
+            f"| {m} | **{_ppl(s['mean_ppl'])}** | {_ppl(s['std_over_nodes'])} | {over_seeds} | {ratio} | "
+            f"{_ppl(s.get('val_ppl', math.nan))} | {_ppl(at_compute) if at_compute is not None else '–'} | "
+            f"{len(s['seeds'])}/{n_seeds} | {s.get('rounds', '–')} | {s['sequential_steps']} | "
+            f"{s.get('train_tokens', 0):,} | {s['wall_seconds_mean']:.0f} |"
         )
+    if v.get("equal_compute_tokens"):
+        lines += [
+            "",
+            f"*val ppl*: validation perplexity at the end (mean over nodes and seeds; settings are chosen on it). "
+            f"*val ppl at equal compute*: on each method's validation curve against training tokens of all nodes, "
+            f"read at {v['equal_compute_tokens']:,} tokens, the compute of the cheapest method here. "
+            f'*{FT.strip()}*: the same runs, each client judged after its last local steps ("+ local fine-tuning").',
+        ]
     lines += _privacy_md(stats)
     nodes = list(dict.fromkeys(n for s in stats.values() for n in s["nodes"]))
     lines += [
@@ -314,10 +425,31 @@ def _variant_md(name: str, v: dict[str, Any], n_seeds: int) -> list[str]:
         "attention": "WorldLM attention coefficients",
         "residual_flows": "WorldLM residual routing",
         "mixture": "data mixture of each node",
+        "val_ppl_compute": "validation perplexity against compute",
+        "trace": "one round traced",
     }
     for kind, path in v["plots"].items():
         lines += ["", f"![{captions[kind]}]({path})"]
-    return [*lines, ""]
+    return [*lines, *_trace_md(v.get("trace", {})), ""]
+
+
+def _trace_md(traces: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """eval.trace_round: the travelling model's validation loss after each training (T) and aggregation (A)."""
+    if not traces:
+        return []
+    lines = [
+        "",
+        "One round traced (`eval.trace_round`; mean over seeds): validation loss of the model that travels, after "
+        "each local training (T) and each aggregation (A), on every node's validation windows and on the node's own.",
+        "",
+        "| method | step | node | after | val loss, all nodes | val loss, own |",
+        "|---|---:|---|---|---:|---:|",
+    ]
+    for m, points in traces.items():
+        for p in points:
+            own = f"{p['val_loss']:.3f}" if p["val_loss"] is not None else "–"
+            lines.append(f"| {m} | {p['step']} | {p['node']} | {p['what']} | {p['val_loss_all']:.3f} | {own} |")
+    return lines
 
 
 def _privacy_md(stats: dict[str, dict[str, Any]]) -> list[str]:
@@ -368,8 +500,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"overrides for every run: {common}",
         f"- runs complete: {report['runs_complete']} of {report['runs_total']}",
         "",
-        "Metric: personalised test perplexity, each node's final model on its own held-out test windows "
-        "(lower is better). *mean ppl*: mean over nodes, averaged over seeds; *± over nodes*: population std "
+        "Metric: personalised test perplexity of the model each method delivers to a node, on that node's own "
+        f"held-out test windows (lower is better; `eval.model` of the runs: {report['eval_models']}). "
+        "*mean ppl*: mean over nodes, averaged over seeds; *± over nodes*: population std "
         "over the tree's nodes, averaged over seeds; *± over seeds*: std of the per-seed means; "
         "*/ worldlm*: the method's mean over WorldLM's in the same variant.",
         "",
@@ -396,12 +529,16 @@ def write_report(exp: Experiment, specs: list[RunSpec], out_dir: Path, command: 
     variants = {}
     for v in exp.variants.values():
         by_method = {m: runs[(v.name, m)] for m in v.methods}
+        stats, budget = variant_stats(by_method)
+        traced = {m: trace_points(rs) for m, rs in by_method.items() if any(r.trace for r in rs)}
         variants[v.name] = {
             "description": v.description,
             "seeds": list(v.seeds),
             "base": str(v.base),
             "set": list(v.set),
-            "methods": variant_stats(by_method),
+            "methods": stats,
+            "equal_compute_tokens": budget,
+            "trace": traced,
             "plots": variant_plots(v.name, by_method, out_dir, mixtures[v.name]),
         }
     report: dict[str, Any] = {
@@ -413,6 +550,7 @@ def write_report(exp: Experiment, specs: list[RunSpec], out_dir: Path, command: 
         "seeds": list(exp.seeds),
         "set": list(exp.set),
         "runs_complete": len(complete),
+        "eval_models": ", ".join(sorted({f"`{s.cfg.eval.model}`" for s in specs})),
         "runs_total": len(specs),
         "missing": [s.label for s in specs if not done[s.label]],
         "variants": variants,

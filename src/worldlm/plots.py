@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from worldlm.io import atomic_write_bytes
 
-Curve = list[tuple[int, float]]  # (sequential step, perplexity) points
+Curve = list[tuple[int, float]]  # (sequential step or training tokens, perplexity) points
 
 
 def _save(fig: Figure, path: Path) -> None:
@@ -35,14 +35,14 @@ def _grid(n: int, width: float, height: float) -> tuple[Figure, list[Axes]]:
     return fig, axes[:n]
 
 
-def curve_panels(panels: dict[str, dict[str, Curve]], path: Path, title: str) -> None:
-    """Validation perplexity against sequential steps (paper Fig. 3/5): one panel per key, one line per curve."""
+def curve_panels(panels: dict[str, dict[str, Curve]], path: Path, title: str, xlabel: str = "sequential steps") -> None:
+    """Validation perplexity against sequential steps (paper Fig. 3/5) or compute: a panel per key, a line per curve."""
     fig, axes = _grid(len(panels), 5.0, 3.6)
     for ax, (panel, curves) in zip(axes, panels.items(), strict=True):
         for label, points in curves.items():
             ax.plot([s for s, _ in points], [p for _, p in points], marker="o", markersize=3, label=label)
         ax.set_title(panel)
-        ax.set_xlabel("sequential steps")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("validation perplexity")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
@@ -111,5 +111,25 @@ def mixture_bars(mixtures: dict[str, dict[str, float]], path: Path, title: str) 
     ax.set_xlim(0, 1)
     ax.set_xlabel("share of the node's training tokens")
     ax.legend(ncols=len(sources), loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize="small")
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+TracePoint = tuple[int, float, str]  # (sequential step, validation loss, label)
+
+
+def trace_plot(traces: dict[str, list[TracePoint]], path: Path, title: str) -> None:
+    """One round traced (issue 14): validation loss of the travelling model after each training and aggregation."""
+    fig, axes = _grid(1, 9.0, 5.0)
+    ax = axes[0]
+    for method, points in traces.items():
+        ordered = sorted(points, key=lambda p: p[0])
+        ax.plot([p[0] for p in ordered], [p[1] for p in ordered], marker="o", markersize=4, label=method, alpha=0.8)
+        for step, loss, label in points:
+            ax.annotate(label, (step, loss), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("sequential step reached")
+    ax.set_ylabel("validation loss over every node's windows")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
     fig.suptitle(title)
     _save(fig, path)

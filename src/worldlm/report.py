@@ -6,6 +6,7 @@ import contextlib
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,51 +86,84 @@ def print_prepared(prepared: Prepared) -> None:
 
 
 def print_summary(summary: dict[str, Any]) -> None:
+    cols = comparison_columns({summary["method"]: summary})
     table = Table(title=f"{summary['method']}: personalised test perplexity")
     table.add_column("node")
-    table.add_column("test ppl", justify="right")
-    for node, res in summary["nodes"].items():
-        table.add_row(node, f"{res['ppl']:.2f}")
-    table.add_row("[bold]mean ± std", f"[bold]{summary['mean_ppl']:.2f} ± {summary['std_ppl']:.2f}")
+    for c in cols:
+        table.add_column(c.label, justify="right")
+    for node in cols[0].nodes:
+        table.add_row(node, *[f"{c.nodes[node]:.2f}" for c in cols])
+    table.add_row("[bold]mean ± std", *[f"[bold]{c.mean:.2f} ± {c.std:.2f}" for c in cols])
     if "diverged_round" in summary:
         table.caption = f"[red]diverged in round {summary['diverged_round']}: stopped early"
     console.print(table)
 
 
+@dataclass(frozen=True)
+class Column:
+    """One column of a comparison: a method, or its "+ ft" reading (each client after its last local steps)."""
+
+    label: str
+    nodes: dict[str, float]
+    mean: float
+    std: float
+    summary: dict[str, Any]
+
+
+def comparison_columns(summaries: dict[str, dict[str, Any]]) -> list[Column]:
+    """Each method's delivered model, then, for FL and HierFAVG judged by their global model, its "+ ft" column."""
+    columns = []
+    for m, s in summaries.items():
+        columns.append(Column(m, {n: v["ppl"] for n, v in s["nodes"].items()}, s["mean_ppl"], s["std_ppl"], s))
+        if "mean_ppl_ft" in s:
+            ft = {n: v["ppl_ft"] for n, v in s["nodes"].items()}
+            columns.append(Column(f"{m} + ft", ft, s["mean_ppl_ft"], s["std_ppl_ft"], s))
+    return columns
+
+
 def comparison_markdown(summaries: dict[str, dict[str, Any]], reference: str) -> str:
-    """Per-node table (one column per method), mean ± std, and each method's ratio to the reference."""
-    methods = list(summaries)
-    nodes = list(next(iter(summaries.values()))["nodes"])
+    """Per-node table (one column per method and "+ ft" reading), mean ± std, and each one's ratio to the reference."""
+    cols = comparison_columns(summaries)
     ref = summaries[reference]["mean_ppl"]
-    lines = ["| node | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
-    for node in nodes:
-        lines.append(f"| {node} | " + " | ".join(f"{summaries[m]['nodes'][node]['ppl']:.2f}" for m in methods) + " |")
-    lines.append(
-        "| **mean ± std** | "
-        + " | ".join(f"**{summaries[m]['mean_ppl']:.2f} ± {summaries[m]['std_ppl']:.2f}**" for m in methods)
-        + " |"
-    )
-    lines.append(
-        f"| mean / {reference} | " + " | ".join(f"{summaries[m]['mean_ppl'] / ref:.2f}×" for m in methods) + " |"
-    )
-    lines.append("| sequential steps | " + " | ".join(str(summaries[m]["sequential_steps"]) for m in methods) + " |")
-    lines.append("| wall time (s) | " + " | ".join(f"{summaries[m]['wall_seconds']:.0f}" for m in methods) + " |")
-    return "\n".join(lines) + "\n"
+    lines = ["| node | " + " | ".join(c.label for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for node in cols[0].nodes:
+        lines.append(f"| {node} | " + " | ".join(f"{c.nodes[node]:.2f}" for c in cols) + " |")
+    lines.append("| **mean ± std** | " + " | ".join(f"**{c.mean:.2f} ± {c.std:.2f}**" for c in cols) + " |")
+    lines.append(f"| mean / {reference} | " + " | ".join(f"{c.mean / ref:.2f}×" for c in cols) + " |")
+    for label, key in (
+        ("rounds", "rounds"),
+        ("sequential steps", "sequential_steps"),
+        ("training tokens", "train_tokens"),
+    ):
+        lines.append(f"| {label} | " + " | ".join(f"{c.summary.get(key, 0):,}" for c in cols) + " |")
+    lines.append("| wall time (s) | " + " | ".join(f"{c.summary['wall_seconds']:.0f}" for c in cols) + " |")
+    notes = [
+        "",
+        "Each method judged by what it delivers to a node (`eval.model = deliverable`): FL and HierFAVG by their "
+        "global model, WorldLM, FedPer and local by each node's own model; `+ ft` is the same FL/HierFAVG run with "
+        "each client judged after its last local steps (FL + local fine-tuning). Training tokens: all nodes "
+        "together (compute); every method runs the same sequential steps.",
+    ]
+    return "\n".join(lines + notes) + "\n"
 
 
-def val_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Validation perplexity per node against sequential steps, read from metrics.jsonl."""
-    curves: dict[str, list[tuple[int, float]]] = {}
+def val_curves(run_dir: Path) -> dict[str, list[tuple[int, int, float]]]:
+    """Validation perplexity per node: (sequential step, training tokens of all nodes so far, ppl); metrics.jsonl."""
+    curves: dict[str, list[tuple[int, int, float]]] = {}
+    tokens = 0  # a round's evaluation follows its training
     with (run_dir / "metrics.jsonl").open(encoding="utf-8") as fh:
         for line in fh:
             rec = json.loads(line)
-            if rec.get("split") == "val":
-                curves.setdefault(rec["node"], []).append((rec["step"], rec["ppl"]))
+            if rec.get("split") == "train":
+                tokens += int(rec["tokens"])
+            elif rec.get("split") == "val":
+                curves.setdefault(rec["node"], []).append((rec["step"], tokens, rec["ppl"]))
     return curves
 
 
 def plot_val_curves(runs: dict[str, Path], path: Path) -> None:
-    """Mean validation perplexity over nodes against sequential steps, one line per method (paper Fig. 3)."""
+    """Mean validation perplexity over nodes, one line per method, against sequential steps (paper Fig. 3)
+    and against compute (training tokens of all nodes together)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,22 +171,27 @@ def plot_val_curves(runs: dict[str, Path], path: Path) -> None:
 
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for method, run_dir in runs.items():
         curves = val_curves(run_dir)
-        steps = [s for s, _ in next(iter(curves.values()))]
-        mean = np.mean([[p for _, p in c] for c in curves.values()], axis=0)
-        ax.plot(steps, mean, marker="o", label=method)
-    ax.set_xlabel("sequential steps")
-    ax.set_ylabel("mean validation perplexity over nodes")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
+        first = next(iter(curves.values()))
+        mean = np.mean([[p for _, _, p in c] for c in curves.values()], axis=0)
+        axes[0].plot([s for s, _, _ in first], mean, marker="o", label=method)
+        axes[1].plot([t for _, t, _ in first], mean, marker="o", label=method)
+    for ax, xlabel in zip(axes, ("sequential steps", "training tokens of all nodes (compute)"), strict=True):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("mean validation perplexity over nodes")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+SUMMARY_KEYS = ("mean_ppl", "std_ppl", "mean_ppl_ft", "std_ppl_ft", "nodes", "train_tokens")
 
 
 def compare_runs(summaries: dict[str, dict[str, Any]], root: Path, quiet: bool) -> str:
@@ -162,22 +201,26 @@ def compare_runs(summaries: dict[str, dict[str, Any]], root: Path, quiet: bool) 
     atomic_write_text(root / "comparison.md", md)
     atomic_write_json(
         root / "comparison.json",
-        {m: {"mean_ppl": s["mean_ppl"], "std_ppl": s["std_ppl"], "nodes": s["nodes"]} for m, s in summaries.items()},
+        {
+            m: {
+                k: s[k] for k in ("mean_ppl", "std_ppl", "mean_ppl_ft", "std_ppl_ft", "nodes", "train_tokens") if k in s
+            }
+            for m, s in summaries.items()
+        },
     )
     plot_val_curves({m: root / m for m in summaries}, root / "val_ppl.png")
     if not quiet:
+        cols = comparison_columns(summaries)
         table = Table(title="personalised test perplexity per node (lower is better)")
         table.add_column("node")
-        for m in summaries:
-            table.add_column(m, justify="right")
-        for node in next(iter(summaries.values()))["nodes"]:
-            table.add_row(node, *[f"{s['nodes'][node]['ppl']:.2f}" for s in summaries.values()])
-        table.add_row(
-            "[bold]mean ± std",
-            *[f"[bold]{s['mean_ppl']:.2f} ± {s['std_ppl']:.2f}" for s in summaries.values()],
-        )
+        for c in cols:
+            table.add_column(c.label, justify="right")
+        for node in cols[0].nodes:
+            table.add_row(node, *[f"{c.nodes[node]:.2f}" for c in cols])
+        table.add_row("[bold]mean ± std", *[f"[bold]{c.mean:.2f} ± {c.std:.2f}" for c in cols])
         ref = summaries[reference]["mean_ppl"]
-        table.add_row(f"mean / {reference}", *[f"{s['mean_ppl'] / ref:.2f}×" for s in summaries.values()])
+        table.add_row(f"mean / {reference}", *[f"{c.mean / ref:.2f}×" for c in cols])
+        table.caption = "+ ft: the same run, each client judged after its last local steps (FL + local fine-tuning)"
         console.print(table)
         console.print(f"comparison: {root / 'comparison.md'}, plot: {root / 'val_ppl.png'}")
     return md

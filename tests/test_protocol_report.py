@@ -1,0 +1,105 @@
+"""Experiment reports under the paper's protocol (issue 14): "+ ft" rows, compute axis, round trace, method_set."""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fixtures import make_prepared, tiny_config
+from worldlm.cli import main
+from worldlm.errors import ConfigError
+from worldlm.experiment_report import value_at
+from worldlm.experiments import load_experiment
+
+EXPERIMENT = """
+name = "proto"
+base = "worldlm.toml"
+methods = ["worldlm", "fl", "centralized"]
+seeds = [0]
+set = ["train.rounds=4", "train.local_steps=1", "train.threads=1", "eval.trace_round=1"]
+
+[method_set]
+fl = ["train.lr_max=2e-3"]
+
+[variants.default]
+set = []
+"""
+
+
+@pytest.fixture(scope="module")
+def proto(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], str]:
+    tmp = tmp_path_factory.mktemp("proto")
+    tiny_config(tmp, make_prepared(tmp / "data"))
+    (tmp / "proto.toml").write_text(EXPERIMENT)
+    out_root = tmp / "results"
+    assert main(["experiment", str(tmp / "proto.toml"), "--out-root", str(out_root), "--quiet"]) == 0
+    out = out_root / "proto"
+    return out, json.loads((out / "report.json").read_text()), (out / "report.md").read_text()
+
+
+def test_method_set_applies_to_that_method_only(proto: tuple[Path, dict[str, Any], str]) -> None:
+    out, _, _ = proto
+    lr = {
+        m: tomllib.loads((out / "runs" / "default" / m / "seed0" / "config.toml").read_text())["train"]["lr_max"]
+        for m in ("worldlm", "fl")
+    }
+    assert lr == {"worldlm": 3e-3, "fl": 2e-3}
+
+
+def test_fine_tuned_rows_come_from_the_same_runs(proto: tuple[Path, dict[str, Any], str]) -> None:
+    out, report, md = proto
+    stats = report["variants"]["default"]["methods"]
+    fl_summary = json.loads((out / "runs" / "default" / "fl" / "seed0" / "summary.json").read_text())
+    assert stats["fl + ft"]["mean_ppl"] == fl_summary["mean_ppl_ft"]
+    assert stats["fl"]["mean_ppl"] == fl_summary["mean_ppl"]
+    assert stats["fl + ft"]["ratio_to_worldlm"] == fl_summary["mean_ppl_ft"] / stats["worldlm"]["mean_ppl"]
+    assert "worldlm + ft" not in stats and "centralized + ft" not in stats
+    assert "| fl + ft | **" in md
+
+
+def test_compute_axis_reads_every_method_at_the_cheapest_budget(proto: tuple[Path, dict[str, Any], str]) -> None:
+    out, report, md = proto
+    assert (out / "plots" / "default" / "val_ppl_compute.png").is_file()
+    v = report["variants"]["default"]
+    stats = v["methods"]
+    tokens = {m: stats[m]["train_tokens"] for m in ("worldlm", "fl", "centralized")}
+    # 4 rounds x 3 levels x 1 step = 12 sequential steps of 4 x 32 tokens: centralized trains one model
+    assert tokens["centralized"] == 12 * 4 * 32
+    assert tokens["worldlm"] == 7 * 4 * 1 * 4 * 32 and tokens["fl"] == 7 * 12 * 4 * 32
+    assert v["equal_compute_tokens"] == tokens["centralized"]
+    # centralized is read at its own end: its final validation perplexity
+    assert stats["centralized"]["val_ppl_at_equal_compute"] == pytest.approx(stats["centralized"]["val_ppl"])
+    assert all(stats[m]["val_ppl_at_equal_compute"] is not None for m in ("worldlm", "fl"))
+    assert (
+        Path(report["experiment"]).parent / "results" / "proto" / "plots" / "default" / "val_ppl_compute.png"
+    ).is_file()
+    assert "val ppl at equal compute" in md
+
+
+def test_trace_is_tabulated_and_plotted(proto: tuple[Path, dict[str, Any], str]) -> None:
+    out, report, md = proto
+    trace = report["variants"]["default"]["trace"]
+    assert set(trace) == {"worldlm", "fl", "centralized"}
+    assert [(p["node"], p["what"]) for p in trace["worldlm"]][-1] == ("root", "aggregated")
+    assert all(math.isfinite(p["val_loss_all"]) for p in trace["fl"])
+    assert (out / "plots" / "default" / "trace.png").is_file()
+    assert "One round traced" in md
+
+
+def test_value_at_interpolates_log_linearly() -> None:
+    curve = [(0, 100.0), (10, 10.0), (20, 5.0)]
+    assert value_at(curve, 5) == pytest.approx(math.sqrt(1000.0))
+    assert value_at(curve, 20) == 5.0 and value_at(curve, 25) is None and value_at([], 1) is None
+
+
+def test_method_set_names_a_method_of_the_experiment(tmp_path: Path) -> None:
+    tiny_config(tmp_path, tmp_path / "data")
+    path = tmp_path / "bad.toml"
+    path.write_text(EXPERIMENT.replace("fl = [", "fedper = ["))
+    with pytest.raises(ConfigError, match="method_set: method 'fedper' is not one of the experiment's methods"):
+        load_experiment(path)
