@@ -97,7 +97,10 @@ def test_report_has_every_variant_method_and_node(micro: Micro) -> None:
     assert len(runs) == 4 and all(r["wall_seconds"] > 0 for r in runs.values())
     md = micro.report_md
     assert "## Variant `default`" in md and "## Variant `no-residuals`" in md and "## Variants side by side" in md
-    assert re.search(r"\| centralized \| \*\*[\d.]+\*\* \| [\d.]+ \| – \| [\d.]+× \| 1/1 \| 12 \|", md)
+    # method | mean | ± nodes | ± seeds | / worldlm | val ppl | val at equal compute | seeds | rounds | steps
+    assert re.search(
+        r"\| centralized \| \*\*[\d.]+\*\* \| [\d.]+ \| – \| [\d.]+× \| [\d.]+ \| [\d.]+ \| 1/1 \| 2 \| 12 \|", md
+    )
     assert "| ru | " in md and report["command"] in md
 
 
@@ -106,7 +109,7 @@ def test_plots_exist_and_are_linked(micro: Micro) -> None:
     for link in links:
         assert (micro.dir / link).read_bytes()[:4] == b"\x89PNG"
     default = micro.report["variants"]["default"]["plots"]
-    assert set(default) == {"val_ppl", "val_nodes", "attention", "residual_flows", "mixture"}
+    assert set(default) == {"val_ppl", "val_ppl_compute", "val_nodes", "attention", "residual_flows", "mixture"}
     no_residuals = micro.report["variants"]["no-residuals"]["plots"]
     assert "residual_flows" not in no_residuals  # nu = 0 routes nothing
     assert no_residuals["mixture"] == default["mixture"]  # same tree and data: one figure
