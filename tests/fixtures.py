@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from worldlm.data.prepared import write_token_streams
+from worldlm.federation.tree import NodeSpec, build_tree
 
 SOURCES = ("fr", "it", "uk", "ru")
 
@@ -103,3 +106,33 @@ batch_size = 8
     path = tmp / f"{method}.toml"
     path.write_text(text)
     return path
+
+
+# A 3-level tree for the engine tests: root -> regions A, B -> leaves a1, a2 (source a), b1, b2 (source b).
+TREE = build_tree(
+    [
+        NodeSpec("root", "", ("a", "b")),
+        NodeSpec("A", "root"),
+        NodeSpec("B", "root"),
+        NodeSpec("a1", "A", ("a",)),
+        NodeSpec("a2", "A", ("a",)),
+        NodeSpec("b1", "B", ("b",)),
+        NodeSpec("b2", "B", ("b",)),
+    ]
+)
+
+
+class FakeTrainer:
+    """Deterministic 'training': add a fixed node-specific direction; records the global clock."""
+
+    def __init__(self, size: int, scale: float = 0.1) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.size, self.scale, self.gen = size, scale, gen
+        self.directions: dict[str, Tensor] = {}
+        self.calls: list[tuple[str, int, int]] = []
+
+    def train(self, node: str, params: Tensor, start_step: int, n_steps: int) -> Tensor:
+        if node not in self.directions:
+            self.directions[node] = torch.randn(self.size, generator=self.gen, dtype=torch.float64)
+        self.calls.append((node, start_step, n_steps))
+        return params + self.scale * n_steps * self.directions[node]

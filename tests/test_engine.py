@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import Tensor
 
-from fixtures import make_prepared, tiny_config
+from fixtures import TREE, FakeTrainer, make_prepared, tiny_config
 from worldlm.cli import main
 from worldlm.federation.server_opt import ServerOptConfig, make_server_opt
-from worldlm.federation.tree import NodeSpec, Tree, build_tree, flat_tree
+from worldlm.federation.tree import Tree, flat_tree
 from worldlm.federation.worldlm import (
     FedOptions,
     NodeState,
@@ -22,34 +21,6 @@ from worldlm.federation.worldlm import (
     sequential_span,
     trainings_per_round,
 )
-
-TREE = build_tree(
-    [
-        NodeSpec("root", "", ("a", "b")),
-        NodeSpec("A", "root"),
-        NodeSpec("B", "root"),
-        NodeSpec("a1", "A", ("a",)),
-        NodeSpec("a2", "A", ("a",)),
-        NodeSpec("b1", "B", ("b",)),
-        NodeSpec("b2", "B", ("b",)),
-    ]
-)
-
-
-class FakeTrainer:
-    """Deterministic 'training': add a fixed node-specific direction; records the global clock."""
-
-    def __init__(self, size: int, scale: float = 0.1) -> None:
-        gen = torch.Generator().manual_seed(0)
-        self.size, self.scale, self.gen = size, scale, gen
-        self.directions: dict[str, Tensor] = {}
-        self.calls: list[tuple[str, int, int]] = []
-
-    def train(self, node: str, params: Tensor, start_step: int, n_steps: int) -> Tensor:
-        if node not in self.directions:
-            self.directions[node] = torch.randn(self.size, generator=self.gen, dtype=torch.float64)
-        self.calls.append((node, start_step, n_steps))
-        return params + self.scale * n_steps * self.directions[node]
 
 
 def states_for(tree: Tree, size: int, opt: ServerOptConfig) -> dict[str, NodeState]:

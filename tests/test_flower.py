@@ -81,7 +81,9 @@ def test_inprocess_messages_equal_local_runner_bitwise(data: Path, local_worldlm
 @pytest.mark.parametrize(
     ("method", "sets"),
     [
-        ("fl", ["train.rounds=1"]),  # the data-less FL server is hosted by the root organisation
+        # the data-less FL server is hosted by the root organisation; 3 FL rounds (A.1.2), global model + ft
+        ("fl", ["train.rounds=1"]),
+        ("hierfavg", ["train.rounds=1"]),  # deliverable: the root's model on every node, and each node's + ft
         ("fedper", ["eval.model=deployed", "train.rounds=1"]),  # keys stay home; deployed models go top-down
         ("worldlm", ["federation.sub_rounds=2", "train.rounds=1", "federation.route_to_origin=true"]),
     ],
@@ -195,7 +197,12 @@ def test_node_private_state_round_trips(data: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("method", "sets", "message"),
-    [("centralized", [], "pools"), ("worldlm", ["dp.nodes=['fr']"], "differential privacy")],
+    [
+        ("centralized", [], "pools"),
+        ("worldlm", ["dp.nodes=['fr']"], "differential privacy"),
+        ("worldlm", ['federation.schedule="parallel"'], "parallel"),
+        ("fl", ["eval.trace_round=0"], "trace_round"),
+    ],
 )
 def test_unsupported_configs_fail_in_one_line(
     data: Path, tmp_path: Path, method: str, sets: list[str], message: str

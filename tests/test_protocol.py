@@ -10,27 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures import make_prepared, tiny_config
+from fixtures import TREE, FakeTrainer, make_prepared, tiny_config
 from worldlm import config as C
 from worldlm.cli import main
 from worldlm.data.mixture import Span, cap_spans, mixture_weights
 from worldlm.errors import ConfigError
 from worldlm.federation.server_opt import ServerOptConfig, make_server_opt
-from worldlm.federation.tree import FL_SERVER, NodeSpec, build_tree
+from worldlm.federation.tree import FL_SERVER
 from worldlm.federation.worldlm import FedOptions, NodeState, Split, run_round, sequential_span
 from worldlm.runners.planning import engine_rounds, plan, stages_per_round, tree_from_config
-
-TREE = build_tree(
-    [
-        NodeSpec("root", "", ("a", "b")),
-        NodeSpec("A", "root"),
-        NodeSpec("B", "root"),
-        NodeSpec("a1", "A", ("a",)),
-        NodeSpec("a2", "A", ("a",)),
-        NodeSpec("b1", "B", ("b",)),
-        NodeSpec("b2", "B", ("b",)),
-    ]
-)
 
 
 @pytest.fixture(scope="module")
@@ -163,19 +151,6 @@ def test_centralized_delivers_its_one_model(tmp_path: Path, data: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- the parallel schedule (§3.1)
-
-
-class FakeTrainer:
-    """'Training' adds a node-specific direction; records (node, start step, steps)."""
-
-    def __init__(self, size: int) -> None:
-        gen = torch.Generator().manual_seed(0)
-        self.directions = {n: torch.randn(size, generator=gen, dtype=torch.float64) for n in TREE.order}
-        self.calls: list[tuple[str, int, int]] = []
-
-    def train(self, node: str, params: torch.Tensor, start_step: int, n_steps: int) -> torch.Tensor:
-        self.calls.append((node, start_step, n_steps))
-        return params + 0.1 * n_steps * self.directions[node]
 
 
 def test_parallel_schedule_by_hand() -> None:
