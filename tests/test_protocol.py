@@ -180,7 +180,9 @@ def test_parallel_schedule_by_hand() -> None:
     assert sequential_span(TREE, "root", opts) == s
     # the trace sees every training and every aggregation, each at the end of the shared window
     assert sorted(observed) == sorted(
-        [("trained", n, 2 * s) for n in TREE.order] + [("aggregated", n, 2 * s) for n in ("root", "A", "B")]
+        [("start", "root", s)]
+        + [("trained", n, 2 * s) for n in TREE.order]
+        + [("aggregated", n, 2 * s) for n in ("root", "A", "B")]
     )
 
 
@@ -190,10 +192,10 @@ def test_sequential_schedule_trace_follows_the_round(tmp_path: Path, data: Path)
     assert all(r["round"] == 1 for r in trace)
     points = [(r["what"], r["node"], r["step"]) for r in trace]
     base = 9  # round 1 starts after 3 levels x 3 steps
-    assert points[0] == ("trained", "root", base + 3)
+    assert points[:2] == [("start", "root", base), ("trained", "root", base + 3)]
     assert ("trained", "fr", base + 9) in points and ("aggregated", "fr-it", base + 9) in points
     assert points[-1] == ("aggregated", "root", base + 9)
-    assert len(points) == 7 + 3
+    assert len(points) == 1 + 7 + 3
     assert all(r["val_loss_all"] > 0 and r["val_loss"] > 0 for r in trace)
 
 
@@ -201,8 +203,9 @@ def test_fl_trace_covers_the_same_sequential_steps(tmp_path: Path, data: Path) -
     _, records = run_cli(tmp_path, data, "fl", "eval.trace_round=1")
     trace = [r for r in records if r.get("event") == "trace"]
     assert {r["round"] for r in trace} == {3, 4, 5}  # the 3 FL rounds of global round 1
-    agg = [(r["node"], r["step"]) for r in trace if r["what"] == "aggregated"]
-    assert agg == [(FL_SERVER, 12), (FL_SERVER, 15), (FL_SERVER, 18)]
+    agg = [(r["node"], r["step"]) for r in trace if r["what"] in ("start", "aggregated")]
+    # each FL round starts from the global model the previous one ended with
+    assert agg == [(FL_SERVER, s) for s in (9, 12, 12, 15, 15, 18)]
     assert all(r["val_loss"] is None for r in trace if r["node"] == FL_SERVER)
 
 

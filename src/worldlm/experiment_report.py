@@ -293,8 +293,11 @@ def trace_points(runs: list[RunData]) -> list[dict[str, Any]]:
     return out
 
 
+TRACE_MARKS = {"start": "S", "trained": "T", "aggregated": "A"}
+
+
 def _trace_label(point: dict[str, Any]) -> str:
-    return f"{point['node']} {'T' if point['what'] == 'trained' else 'A'}"
+    return f"{point['node']} {TRACE_MARKS[point['what']]}"
 
 
 def mixture_files(exp: Experiment, first_spec: dict[str, RunSpec], out_dir: Path) -> dict[str, Path]:
@@ -439,8 +442,9 @@ def _trace_md(traces: dict[str, list[dict[str, Any]]]) -> list[str]:
         return []
     lines = [
         "",
-        "One round traced (`eval.trace_round`; mean over seeds): validation loss of the model that travels, after "
-        "each local training (T) and each aggregation (A), on every node's validation windows and on the node's own.",
+        "One round traced (`eval.trace_round`; mean over seeds): validation loss of the model that travels, as the "
+        "round starts (S), after each local training (T) and each aggregation (A), on every node's validation "
+        "windows and on the node's own.",
         "",
         "| method | step | node | after | val loss, all nodes | val loss, own |",
         "|---|---:|---|---|---:|---:|",

@@ -119,7 +119,8 @@ TracePoint = tuple[int, float, str]  # (sequential step, validation loss, label)
 
 
 def trace_plot(traces: dict[str, list[TracePoint]], path: Path, title: str) -> None:
-    """One round traced (issue 14): validation loss of the travelling model after each training and aggregation."""
+    """One round traced (issue 14): validation loss of the travelling model at the start, after each training
+    and aggregation."""
     fig, axes = _grid(1, 9.0, 5.0)
     ax = axes[0]
     for method, points in traces.items():

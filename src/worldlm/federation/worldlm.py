@@ -350,11 +350,13 @@ def run_round(
     own work: "aggregation" (steps 2–3 and 4.iv), "routing" (4.ii–iii), "serialisation" (the
     update a node sends up) and "privacy" (DP releases); training is timed by the trainer.
 
-    `observe(what, q, step, params)` sees the model that travels: "trained" after q's local
-    training (4.i), "aggregated" after q aggregated its subtree (4.iv); `step` is the sequential
-    step reached. With `opts.parallel` (§3.1) an inner node trains from the model it received, as a
-    client beside its children (who receive that same model) in the same sequential window, and
-    its trained state joins their updates in its aggregation.
+    `observe(what, q, step, params)` sees the model that travels: "start" the root's model as the
+    round begins, "trained" after q's local training (4.i), "aggregated" after q aggregated its
+    subtree (4.iv); `step` is the sequential step reached.
+
+    With `opts.parallel` (§3.1) an inner node trains from the model it received, as a client beside
+    its children (who receive that same model) in the same sequential window, and its trained state
+    joins their updates in its aggregation.
     """
     start = round_idx * sequential_span(tree, tree.root, opts)
     received: dict[str, Tensor] = {}  # DP nodes: the parent state they got this visit (the DP reference)
@@ -437,6 +439,7 @@ def run_round(
                 routed.setdefault(target, []).append(r)
         return routed
 
+    observe("start", tree.root, start, states[tree.root].params)
     visit(tree.root, start)
 
 

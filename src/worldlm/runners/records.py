@@ -44,7 +44,7 @@ def eval_record(rnd: int, node: str, split: str, loss: float, ppl: float, tokens
 
 
 def trace_record(rnd: int, node: str, what: str, step: int, own: float | None, everyone: float) -> dict[str, Any]:
-    """eval.trace_round: validation loss of the model that travels, after `what` ("trained"/"aggregated") at `node`.
+    """eval.trace_round: validation loss of the model that travels at `node`, at `what` (start, trained, aggregated).
 
     `val_loss`: on the node's own validation windows (None for a node outside the tree, FL's server);
     `val_loss_all`: mean over every tree node's validation windows.
