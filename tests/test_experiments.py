@@ -21,6 +21,7 @@ from worldlm.config import Config
 from worldlm.errors import ConfigError, DataError
 from worldlm.experiments import load_experiment, plan_runs
 from worldlm.runners import local
+from worldlm.runners.resume import Interrupted
 
 MICRO = """
 name = "micro"
@@ -176,7 +177,7 @@ def test_an_interrupt_stops_the_experiment_and_keeps_a_report(
     micro: Micro, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     def interrupted(cfg: Config, out: Path, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        raise local.Interrupted("stopped after round 1")
+        raise Interrupted("stopped after round 1")
 
     monkeypatch.setattr(local, "run", interrupted)
     out_root = micro.out_root.parent / "interrupted"

@@ -262,6 +262,7 @@ def test_protocol_options_are_validated(tmp_path: Path, data: Path, override: st
 def test_new_defaults_are_the_papers() -> None:
     cfg = C.Config()
     assert cfg.eval.model == "deliverable" and cfg.federation.fl_round == "stage"
-    assert cfg.federation.server_opt.kind == "fedavgm" and cfg.federation.server_opt.momentum == 0.9
+    # the paper's FedAvgM (mu_s = 0.9) lost to plain FedAvg on validation (results/paper-regime-sweep)
+    assert cfg.federation.server_opt.kind == "fedavg" and cfg.federation.server_opt.momentum == 0.9
     assert cfg.federation.route_to_origin and cfg.train.lr_alpha == 0.01
     assert cfg.federation.schedule == "sequential"

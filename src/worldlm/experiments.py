@@ -333,7 +333,7 @@ def _run_grid(specs: Sequence[RunSpec], quiet: bool) -> tuple[int, int, list[str
     short still has complete columns to compare.
     """
     from worldlm.report import console
-    from worldlm.runners.local import Interrupted
+    from worldlm.runners.resume import Interrupted
 
     seeds = list(dict.fromkeys(s.seed for s in specs))
     ran, skipped, failures = 0, 0, []
@@ -372,7 +372,7 @@ def run_experiment(
     """
     from worldlm.experiment_report import write_report
     from worldlm.report import console
-    from worldlm.runners.local import Interrupted
+    from worldlm.runners.resume import Interrupted
 
     exp = load_experiment(path)
     out_dir = out_root / exp.name

@@ -7,12 +7,8 @@ writes the run directory (DESIGN §4) with the records every runner shares (runn
 
 from __future__ import annotations
 
-import contextlib
-import json
 import shutil
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -50,17 +46,12 @@ from worldlm.runners.records import (
     trace_record,
     train_record,
 )
+from worldlm.runners.resume import Interrupted, drop_rounds_from, graceful_stop, truncate_lines
 from worldlm.runners.trainer import LocalTrainer
 from worldlm.timing import PhaseTimer, round_record
 from worldlm.train import TrainStats
 
 ProgressFn = Callable[[dict[str, Any]], None]
-
-
-class Interrupted(WorldLMError):
-    """SIGINT/SIGTERM: the run stopped at a round boundary after writing a checkpoint."""
-
-    exit_code = 130
 
 
 class LocalRun:
@@ -310,7 +301,7 @@ class LocalRun:
         )
         phase = self.timer.phase
         try:
-            with _graceful_stop() as stop:
+            with graceful_stop() as stop:
                 while self.round < self.rounds:
                     rnd = self.round
                     t0 = time.perf_counter()
@@ -419,59 +410,6 @@ class LocalRun:
                 "accountant": "dp-accounting RDP, Gaussian mechanism per release, add-or-remove adjacency",
             }
         }
-
-
-class _StopFlag:
-    requested = False
-
-
-@contextlib.contextmanager
-def _graceful_stop() -> Iterator[_StopFlag]:
-    """First SIGINT/SIGTERM: finish the round and checkpoint. A second one stops at once."""
-    flag = _StopFlag()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if flag.requested:
-            raise KeyboardInterrupt
-        flag.requested = True
-        print("worldlm: stopping after this round (checkpoint follows); press Ctrl-C again to abort", file=sys.stderr)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield flag
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-def truncate_lines(path: Path, lines: int) -> None:
-    """Drop metrics written after the checkpoint (a partial round that will be redone)."""
-    if not path.is_file():
-        if lines:
-            raise WorldLMError(f"{path} is missing but the checkpoint expects {lines} records; start a new run")
-        return
-    kept = path.read_text(encoding="utf-8").splitlines(keepends=True)[:lines]
-    if len(kept) < lines:
-        raise WorldLMError(f"{path} has fewer records than the checkpoint expects; start a new run")
-    atomic_write_text(path, "".join(kept))
-
-
-def drop_rounds_from(path: Path, first_round: int) -> None:
-    """Drop timing records of rounds that a resumed run does again (and a line torn by a crash)."""
-
-    def kept(line: str) -> bool:
-        try:
-            return int(json.loads(line)["round"]) < first_round
-        except (ValueError, KeyError, TypeError):
-            return False
-
-    if path.is_file():
-        atomic_write_text(
-            path, "".join(x for x in path.read_text(encoding="utf-8").splitlines(keepends=True) if kept(x))
-        )
 
 
 def _node_part(states: NodeStates, name: str) -> Part:
