@@ -368,7 +368,7 @@ def _overview_md(report: dict[str, Any]) -> list[str]:
         cells = []
         for v in variants:
             s = report["variants"][v]["methods"].get(m)
-            same = s and m in first and v != variants[0]
+            same = s and m in first and v != variants[0] and _ppl(s["mean_ppl"]) != "diverged"
             ratio = f" ({_ratio(s['mean_ppl'] / first[m]['mean_ppl'])})" if same else ""
             cells.append(f"{_mean_std(s['mean_ppl'], s['std_over_seeds'])}{ratio}" if s else "–")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
