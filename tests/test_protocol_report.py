@@ -103,3 +103,17 @@ def test_method_set_names_a_method_of_the_experiment(tmp_path: Path) -> None:
     path.write_text(EXPERIMENT.replace("fl = [", "fedper = ["))
     with pytest.raises(ConfigError, match="method_set: method 'fedper' is not one of the experiment's methods"):
         load_experiment(path)
+
+
+def test_trace_points_average_the_points_every_seed_has() -> None:
+    from types import SimpleNamespace
+
+    from worldlm.experiment_report import trace_points
+
+    def point(what: str, step: int, loss: float) -> dict[str, Any]:
+        return {"round": 3, "node": "root", "what": what, "step": step, "val_loss_all": loss, "val_loss": loss}
+
+    old = SimpleNamespace(trace=[point("trained", 5, 2.0), point("aggregated", 9, 1.0)])  # traced before "start"
+    new = SimpleNamespace(trace=[point("start", 3, 9.0), point("trained", 5, 4.0), point("aggregated", 9, 3.0)])
+    points = trace_points([old, new])  # type: ignore[list-item]
+    assert [(p["what"], p["val_loss_all"], p["seeds"]) for p in points] == [("trained", 3.0, 2), ("aggregated", 2.0, 2)]

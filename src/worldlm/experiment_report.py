@@ -266,7 +266,8 @@ def variant_plots(variant: str, runs: dict[str, list[RunData]], out_dir: Path, m
     if traced:
         files["trace"] = folder / "trace.png"
         points = {
-            m: [(p["step"], p["val_loss_all"], _trace_label(p)) for p in trace_points(rs)] for m, rs in traced.items()
+            m: [(p["step"], p["val_loss_all"], p["node"], p["what"]) for p in trace_points(rs)]
+            for m, rs in traced.items()
         }
         plots.trace_plot(points, files["trace"], f"{variant}: one round traced (mean over seeds)")
     files["mixture"] = mixture_file
@@ -274,11 +275,20 @@ def variant_plots(variant: str, runs: dict[str, list[RunData]], out_dir: Path, m
 
 
 def trace_points(runs: list[RunData]) -> list[dict[str, Any]]:
-    """A method's traced round, each point's losses averaged over seeds (the points are the same in every seed)."""
+    """A method's traced round: the points every seed has, matched by (round, node, what), losses averaged.
+
+    (Runs traced before the "start" points existed lack them; those points are then left out.)
+    """
     seeds = [r.trace for r in runs if r.trace]
+    by_key: dict[tuple[int, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for trace in seeds:
+        for p in trace:
+            by_key[(int(p["round"]), p["node"], p["what"])].append(p)
     out = []
-    for k, point in enumerate(seeds[0]):
-        same = [t[k] for t in seeds if len(t) > k]
+    for point in seeds[0]:
+        same = by_key[(int(point["round"]), point["node"], point["what"])]
+        if len(same) < len(seeds):
+            continue
         own = [p["val_loss"] for p in same if p["val_loss"] is not None]
         out.append(
             {
@@ -288,16 +298,10 @@ def trace_points(runs: list[RunData]) -> list[dict[str, Any]]:
                 "step": point["step"],
                 "val_loss_all": float(np.mean([p["val_loss_all"] for p in same])),
                 "val_loss": float(np.mean(own)) if own else None,
+                "seeds": len(same),
             }
         )
     return out
-
-
-TRACE_MARKS = {"start": "S", "trained": "T", "aggregated": "A"}
-
-
-def _trace_label(point: dict[str, Any]) -> str:
-    return f"{point['node']} {TRACE_MARKS[point['what']]}"
 
 
 def mixture_files(exp: Experiment, first_spec: dict[str, RunSpec], out_dir: Path) -> dict[str, Path]:
@@ -446,13 +450,15 @@ def _trace_md(traces: dict[str, list[dict[str, Any]]]) -> list[str]:
         "round starts (S), after each local training (T) and each aggregation (A), on every node's validation "
         "windows and on the node's own.",
         "",
-        "| method | step | node | after | val loss, all nodes | val loss, own |",
-        "|---|---:|---|---|---:|---:|",
+        "| method | step | node | at | val loss, all nodes | val loss, own | seeds |",
+        "|---|---:|---|---|---:|---:|---:|",
     ]
     for m, points in traces.items():
         for p in points:
             own = f"{p['val_loss']:.3f}" if p["val_loss"] is not None else "–"
-            lines.append(f"| {m} | {p['step']} | {p['node']} | {p['what']} | {p['val_loss_all']:.3f} | {own} |")
+            lines.append(
+                f"| {m} | {p['step']} | {p['node']} | {p['what']} | {p['val_loss_all']:.3f} | {own} | {p['seeds']} |"
+            )
     return lines
 
 

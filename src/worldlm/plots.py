@@ -115,22 +115,28 @@ def mixture_bars(mixtures: dict[str, dict[str, float]], path: Path, title: str) 
     _save(fig, path)
 
 
-TracePoint = tuple[int, float, str]  # (sequential step, validation loss, label)
+TracePoint = tuple[int, float, str, str]  # (sequential step, validation loss, node, what)
+TRACE_MARKS = {"start": "S", "trained": "T", "aggregated": "A"}
 
 
 def trace_plot(traces: dict[str, list[TracePoint]], path: Path, title: str) -> None:
     """One round traced (issue 14): validation loss of the travelling model at the start, after each training
-    and aggregation."""
+    and aggregation. A line follows the shared model (the root, or FL's server: the node that aggregates
+    last); every other node's model is a labelled point."""
     fig, axes = _grid(1, 9.0, 5.0)
     ax = axes[0]
     for method, points in traces.items():
-        ordered = sorted(points, key=lambda p: p[0])
-        ax.plot([p[0] for p in ordered], [p[1] for p in ordered], marker="o", markersize=4, label=method, alpha=0.8)
-        for step, loss, label in points:
+        root = points[-1][2]
+        shared = [(step, loss) for step, loss, node, _ in points if node == root]
+        (line,) = ax.plot([p[0] for p in shared], [p[1] for p in shared], marker="o", label=f"{method}: {root}")
+        others = [p for p in points if p[2] != root]
+        ax.scatter([p[0] for p in others], [p[1] for p in others], s=12, color=line.get_color(), alpha=0.6)
+        for step, loss, node, what in points:
+            label = f"{node} {TRACE_MARKS.get(what, what)}"
             ax.annotate(label, (step, loss), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("sequential step reached")
     ax.set_ylabel("validation loss over every node's windows")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", title="shared model (line)", title_fontsize="small")
     fig.suptitle(title)
     _save(fig, path)
