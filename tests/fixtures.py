@@ -108,6 +108,19 @@ batch_size = 8
     return path
 
 
+def train_tiny(tmp: Path, data: Path, method: str, *sets: str, extra: str = "") -> Path:
+    """`worldlm train` on the tiny 7-node tree with `--set` overrides; returns the run directory."""
+    from worldlm.cli import main
+
+    cfg = tiny_config(tmp, data, method, extra)
+    out = tmp / f"run-{method}-{len(list(tmp.iterdir()))}"
+    args = ["train", str(cfg), "--out", str(out), "--quiet"]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 0
+    return out
+
+
 # A 3-level tree for the engine tests: root -> regions A, B -> leaves a1, a2 (source a), b1, b2 (source b).
 TREE = build_tree(
     [

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures import TREE, FakeTrainer, make_prepared, tiny_config
+from fixtures import TREE, FakeTrainer, make_prepared, tiny_config, train_tiny
 from worldlm.cli import main
 from worldlm.federation.server_opt import ServerOptConfig, make_server_opt
 from worldlm.federation.tree import Tree, flat_tree
@@ -160,12 +160,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_cli(tmp: Path, data: Path, method: str, *sets: str, extra: str = "") -> dict[str, object]:
-    cfg = tiny_config(tmp, data, method, extra)
-    out = tmp / f"run-{method}-{len(list(tmp.iterdir()))}"
-    args = ["train", str(cfg), "--out", str(out), "--quiet"]
-    for s in sets:
-        args += ["--set", s]
-    assert main(args) == 0
+    out = train_tiny(tmp, data, method, *sets, extra=extra)
     summary = json.loads((out / "summary.json").read_text())
     summary.pop("wall_seconds")
     return summary

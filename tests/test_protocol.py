@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures import TREE, FakeTrainer, make_prepared, tiny_config
+from fixtures import TREE, FakeTrainer, make_prepared, tiny_config, train_tiny
 from worldlm import config as C
-from worldlm.cli import main
 from worldlm.data.mixture import Span, cap_spans, mixture_weights
 from worldlm.errors import ConfigError
 from worldlm.federation.server_opt import ServerOptConfig, make_server_opt
@@ -27,12 +26,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_cli(tmp: Path, data: Path, method: str, *sets: str) -> tuple[dict[str, object], list[dict[str, object]]]:
-    cfg = tiny_config(tmp, data, method)
-    out = tmp / f"run-{method}-{len(list(tmp.iterdir()))}"
-    args = ["train", str(cfg), "--out", str(out), "--quiet"]
-    for s in sets:
-        args += ["--set", s]
-    assert main(args) == 0
+    out = train_tiny(tmp, data, method, *sets)
     summary = json.loads((out / "summary.json").read_text())
     summary.pop("wall_seconds")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
