@@ -63,7 +63,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     rounds: int = 4
-    local_steps: int = 10  # steps per node per visit (every level); FL clients do levels x this
+    local_steps: int = 10  # steps per node per visit (every level); FL clients train this per FL round (A.1.2)
     batch_size: int = 8
     lr_max: float = 3e-3  # eta_max of the shared schedule
     lr_alpha: float = 0.01  # schedule starts and ends at alpha * eta_max (paper Table 5: 1e-2)
@@ -122,8 +122,8 @@ class EvalConfig:
     # state at the end of the round (leaves: after local training; inner nodes: after aggregation).
     model: str = "deliverable"
     # >= 0: in this global round (the hierarchy's round index; for engines with depth rounds per global
-    # round, the rounds covering the same sequential steps), evaluate the model that travels after
-    # every local training and every aggregation (issue 14 item 5: where a round loses progress).
+    # round, the rounds covering the same sequential steps), evaluate the model that travels: at the start,
+    # after every local training and every aggregation (issue 14 item 5: where a round loses progress).
     trace_round: int = -1
 
 
