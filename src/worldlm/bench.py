@@ -288,6 +288,7 @@ def edge_bytes_of_round(metrics: Path, rnd: int) -> int:
 def federation_round(size: BenchSize, work: Path, say: Callable[[str], None]) -> dict[str, Any]:
     """Two rounds of the 7-node tree at `fed_preset`; round 1 is reported (round 0 creates optimizer states)."""
     from worldlm.runners.local import LocalRun
+    from worldlm.runners.planning import steps_per_round
 
     nodes = complete_tree(2, 3)
     cfg = synthetic_config(
@@ -299,7 +300,7 @@ def federation_round(size: BenchSize, work: Path, say: Callable[[str], None]) ->
     timing = dict(run.round_seconds[-1])
     total = float(timing.pop("seconds"))
     rnd = int(timing.pop("round"))
-    tokens = run.steps_per_round * size.batch * size.seq_len
+    tokens = steps_per_round(run.feds) * size.batch * size.seq_len
     trainer_seconds = timing["training"] + timing.get("serialisation", 0.0)  # what a node's visit costs
     say(f"federation: raw training loop at {size.fed_preset} for {size.raw_steps} steps")
     raw, _ = training_throughput(

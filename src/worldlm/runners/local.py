@@ -26,7 +26,7 @@ from worldlm.data.prepared import load_prepared
 from worldlm.errors import WorldLMError
 from worldlm.evaluate import evaluate
 from worldlm.federation.privacy import Privacy
-from worldlm.federation.worldlm import NodeState, run_round, trainings_per_round
+from worldlm.federation.worldlm import NodeState, run_round
 from worldlm.io import JsonlWriter, atomic_write_bytes, atomic_write_json, atomic_write_text
 from worldlm.runners.checkpoint import CannotResume, Part, Snapshot, load_latest, save_checkpoint
 from worldlm.runners.node_state import DiskStates, NodeStates, encode_state, load_state
@@ -37,6 +37,8 @@ from worldlm.runners.planning import (
     server_opt_for,
     set_up,
     stages_per_round,
+    steps_per_round,
+    train_tokens,
 )
 from worldlm.runners.records import (
     all_diverged,
@@ -253,13 +255,6 @@ class LocalRun:
 
     # ------------------------------------------------------------------ driver
 
-    @property
-    def steps_per_round(self) -> int:
-        """Training steps of all nodes in one round (each node's local steps times its visits)."""
-        return sum(
-            f.opts.local_steps[n] * trainings_per_round(f.tree, n, f.opts) for f in self.feds for n in f.tree.order
-        )
-
     def execute(self, resume: bool = False, warn: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
         """Run (or continue) all rounds, checkpointing each; then test, save models and summary.json.
 
@@ -294,8 +289,8 @@ class LocalRun:
             {
                 "kind": "start",
                 "method": self.cfg.method,
-                "total_steps": self.steps_per_round * self.rounds,
-                "done_steps": self.steps_per_round * self.round,
+                "total_steps": steps_per_round(self.feds) * self.rounds,
+                "done_steps": steps_per_round(self.feds) * self.round,
                 "rounds": self.rounds,
             }
         )
@@ -379,7 +374,7 @@ class LocalRun:
         wall = self.elapsed_before + time.perf_counter() - self.t_start
         parts = (self.model.num_params(), self.layout.key_blocks)
         steps = self.per_round * self.round  # all rounds, unless the run diverged and stopped early
-        tokens = self.steps_per_round * self.round * self.cfg.train.batch_size * self.cfg.model.seq_len
+        tokens = train_tokens(self.cfg, self.feds, self.round)
         summary = run_summary(
             self.cfg,
             self.tree.order,

@@ -22,7 +22,7 @@ from worldlm.data.prepared import Prepared
 from worldlm.federation.privacy import DPSettings, Privacy
 from worldlm.federation.server_opt import ServerOpt, ServerOptConfig, make_server_opt
 from worldlm.federation.tree import NodeSpec, Tree, TreeNode, build_tree, flat_tree
-from worldlm.federation.worldlm import FedOptions, Split, deployed_models, sequential_span
+from worldlm.federation.worldlm import FedOptions, Split, deployed_models, sequential_span, trainings_per_round
 from worldlm.model import GPT, ParamLayout, gpt_config
 from worldlm.runners.node_state import MemoryStates, NodeStates
 from worldlm.train import ClientOptConfig, Schedule
@@ -99,6 +99,16 @@ def stages_per_round(cfg: C.Config, tree: Tree) -> int:
 def engine_rounds(cfg: C.Config, tree: Tree) -> int:
     """Rounds the engine runs for `train.rounds` global rounds, all methods at equal sequential steps."""
     return cfg.train.rounds * stages_per_round(cfg, tree)
+
+
+def steps_per_round(feds: list[Federation]) -> int:
+    """Training steps of all nodes in one engine round (each node's local steps times its visits)."""
+    return sum(f.opts.local_steps[n] * trainings_per_round(f.tree, n, f.opts) for f in feds for n in f.tree.order)
+
+
+def train_tokens(cfg: C.Config, feds: list[Federation], rounds: int) -> int:
+    """Training tokens of all nodes together over `rounds` engine rounds: a run's compute (summary.json)."""
+    return steps_per_round(feds) * rounds * cfg.train.batch_size * cfg.model.seq_len
 
 
 def plan(cfg: C.Config, tree: Tree, spans: dict[str, list[Span]], layout: ParamLayout) -> list[Federation]:

@@ -32,12 +32,19 @@ from flwr.serverapp import Grid
 from worldlm import config as C
 from worldlm.errors import WorldLMError
 from worldlm.federation.tree import Tree
-from worldlm.federation.worldlm import Split, edge_event, sequential_span, trainings_per_round
+from worldlm.federation.worldlm import Split, edge_event, sequential_span
 from worldlm.io import JsonlWriter, atomic_write_json, atomic_write_text
 from worldlm.model import ParamLayout
 from worldlm.runners.flower import wire
 from worldlm.runners.flower.node import check_supported, host_of
-from worldlm.runners.planning import Federation, engine_rounds, plan, tree_from_config
+from worldlm.runners.planning import (
+    Federation,
+    engine_rounds,
+    plan,
+    steps_per_round,
+    train_tokens,
+    tree_from_config,
+)
 from worldlm.runners.records import all_diverged, diverged_message, eval_record, run_summary
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -276,10 +283,6 @@ def step_events(record: dict[str, Any], local_steps: dict[str, int], cfg: C.Conf
     return [{"kind": "step", "node": node, "step": last - n + i, "loss": loss, "tokens": tokens} for i in range(n)]
 
 
-def steps_per_round(feds: list[Federation]) -> int:
-    return sum(f.opts.local_steps[n] * trainings_per_round(f.tree, n, f.opts) for f in feds for n in f.tree.order)
-
-
 # ---------------------------------------------------------------------- the coordinator
 
 
@@ -504,7 +507,7 @@ class Coordinator:
         finally:
             self.metrics.close()
         wall = time.perf_counter() - t_start
-        done = (planned, rounds, steps_per_round(self.feds) * rounds * cfg.train.batch_size * cfg.model.seq_len)
+        done = (planned, rounds, train_tokens(cfg, self.feds, rounds))
         summary = self._summary(test, val, int(info["parameters"]), kb, wall, done, diverged, fine_tuned)
         atomic_write_json(self.out / "summary.json", summary)
         return summary

@@ -34,9 +34,9 @@ from worldlm import config as C
 from worldlm.errors import WorldLMError
 from worldlm.io import atomic_write_text
 from worldlm.runners.flower import FLOWER_ENV, require_flower
-from worldlm.runners.flower.coordinator import ProgressFn, engine_plan, step_events, steps_per_round
+from worldlm.runners.flower.coordinator import ProgressFn, engine_plan, step_events
 from worldlm.runners.flower.node import check_supported
-from worldlm.runners.planning import engine_rounds, tree_from_config
+from worldlm.runners.planning import engine_rounds, steps_per_round, tree_from_config
 
 CONNECTION = "worldlm-local"
 APP_PYPROJECT = """\
