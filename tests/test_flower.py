@@ -86,6 +86,17 @@ def test_inprocess_messages_equal_local_runner_bitwise(data: Path, local_worldlm
         ("hierfavg", ["train.rounds=1"]),  # deliverable: the root's model on every node, and each node's + ft
         ("fedper", ["eval.model=deployed", "train.rounds=1"]),  # keys stay home; deployed models go top-down
         ("worldlm", ["federation.sub_rounds=2", "train.rounds=1", "federation.route_to_origin=true"]),
+        # issue 15: the nodes keep their reference keys and outlier counts between messages
+        (
+            "worldlm",
+            [
+                'federation.similarity="updates"',
+                'federation.similarity_on="matrices"',
+                "federation.temperature=0.1",
+                "federation.outlier_weight=0.9",
+                "federation.skip_outlier_residuals=true",
+            ],
+        ),
     ],
 )
 def test_other_methods_and_options_equal_local_runner(data: Path, tmp_path: Path, method: str, sets: list[str]) -> None:

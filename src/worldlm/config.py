@@ -20,6 +20,7 @@ import tomli_w
 
 from worldlm.data.prepared import DEFAULT_VOCAB
 from worldlm.errors import ConfigError
+from worldlm.federation.aggregation import SIMILARITIES
 
 METHODS = ("worldlm", "fl", "hierfavg", "fedper", "centralized", "local")
 HIERARCHY_METHODS = ("worldlm", "hierfavg", "fedper")  # train on the tree itself (the others re-plan it)
@@ -29,6 +30,7 @@ EVAL_MODELS = ("deliverable", "local", "deployed")
 SCHEDULES = ("sequential", "parallel")
 FL_ROUNDS = ("stage", "global")
 SERVER_OPTS = ("fedavg", "fedavgm", "nesterov", "fedadam")
+SIMILARITY_ON = ("all", "matrices")
 
 
 @dataclass
@@ -103,6 +105,22 @@ class FederationConfig:
     # FL's round (A.1.2): "stage" = every client trains local_steps per round and FL runs depth x rounds
     # (equal sequential steps); "global" = one FL round per hierarchy round, depth x local_steps per client.
     fl_round: str = "stage"
+    # How key layers are compared, in the attention (A.3.3 steps 2c, 4.iv C), residual picking (E) and
+    # routing (A.3.7): s = cos(P(a - r_a), P(b - r_b)), weights softmax(s / temperature). "weights": r = 0,
+    # the paper's cosine of the flattened blocks; "centered": r = the mean of the members compared;
+    # "updates": r = the model the member last received (its change). similarity_on: "all" elements of a
+    # block, or its weight "matrices" only (LayerNorm gains and biases left out).
+    similarity: str = "weights"
+    temperature: float = 1.0
+    similarity_on: str = "all"
+    # Outliers (the detection signal of the paper's limitations): a child whose share of its parent's attention
+    # over the children (the parent's own weights, its self-weight left out, renormalised) is under
+    # outlier_weight x 1/C (C children) for outlier_rounds aggregations in a row gets an `outlier` event;
+    # skip_outlier_residuals: a child under that share is not picked as a residual there, so its keys are not
+    # carried to other federations.
+    outlier_weight: float = 0.5
+    outlier_rounds: int = 2
+    skip_outlier_residuals: bool = False
     server_opt: ServerOptSettings = field(default_factory=ServerOptSettings)
     # Keep node states (parameters, AdamW and server-optimizer state) in files under the run directory
     # between their uses, so memory does not grow with the number of nodes; results are bitwise the same.
@@ -335,6 +353,20 @@ def validate(cfg: Config) -> None:
         f.schedule == "sequential" or f.sub_rounds == 1,
         "federation.schedule = 'parallel' runs every level in one window, so it needs federation.sub_rounds = 1",
     )
+    _check(
+        f.similarity in SIMILARITIES,
+        f"federation.similarity '{f.similarity}' is unknown{_suggest(f.similarity, SIMILARITIES)}",
+    )
+    _check(
+        math.isfinite(f.temperature) and f.temperature > 0,
+        f"federation.temperature must be a number > 0, got {f.temperature}",
+    )
+    _check(
+        f.similarity_on in SIMILARITY_ON,
+        f"federation.similarity_on '{f.similarity_on}' is unknown{_suggest(f.similarity_on, SIMILARITY_ON)}",
+    )
+    _check(0 <= f.outlier_weight <= 1, f"federation.outlier_weight must be in [0, 1], got {f.outlier_weight}")
+    _check(f.outlier_rounds >= 1, f"federation.outlier_rounds must be >= 1, got {f.outlier_rounds}")
     _validate_server_opt(f.server_opt, "federation.server_opt")
     for node in cfg.tree.nodes:
         if node.server_opt is not None:
@@ -458,6 +490,13 @@ ADDED_KEYS: dict[tuple[str, str], Any] = {
     ("federation", "schedule"): "sequential",
     ("federation", "fl_round"): "global",  # FL clients trained depth x local_steps per round before issue 14
     ("eval", "trace_round"): -1,
+    # issue 15: the paper's similarity; outlier detection only reports (runs are the same without it)
+    ("federation", "similarity"): "weights",
+    ("federation", "temperature"): 1.0,
+    ("federation", "similarity_on"): "all",
+    ("federation", "outlier_weight"): 0.5,
+    ("federation", "outlier_rounds"): 2,
+    ("federation", "skip_outlier_residuals"): False,
 }
 
 

@@ -161,6 +161,15 @@ class ParamLayout:
             for name, chunk, shape in zip(self.names, flat.split(self.numels), self.shapes, strict=True):
                 params[name].copy_(chunk.view(shape))
 
+    def key_matrix_mask(self) -> Tensor:
+        """[key_size] bool over one key block's flat layout: True on weight matrices (2-D parameters), False
+        on LayerNorm gains and biases (the `federation.similarity_on = "matrices"` selection)."""
+        if not self.key_blocks:
+            raise ValueError("the layout has no key blocks")
+        shapes = dict(zip(self.names, self.shapes, strict=True))
+        names = self.key_param_names[0]
+        return torch.cat([torch.full((math.prod(shapes[n]),), len(shapes[n]) >= 2) for n in names])
+
     @property
     def split(self) -> Split:
         """The engine's view of this layout: backbone prefix, then `key_blocks` rows of `key_size`."""

@@ -1,7 +1,19 @@
 """Key-layer aggregation: attention, pooling, residual selection, routing (paper §3.2, A.3.3–A.3.7).
 
-A *key layer* is one transformer block's parameters flattened into a 1-D float vector; key layers
-are compared by cosine similarity. These are pure functions over tensors: no I/O, no engine.
+A *key layer* is one transformer block's parameters flattened into a 1-D float vector. These are
+pure functions over tensors: no I/O, no engine.
+
+Similarity (`Similarity`, issue 15). Two key layers a, b of members being compared score
+    s(a, b) = cos(P(a − r_a), P(b − r_b)),   attention weights λ = softmax(s / τ),
+where P keeps the compared elements (all, or the weight matrices only: `Similarity.mask`) and r is
+the reference each kind subtracts:
+    weights   r = 0: the paper's cosine of the flattened blocks (A.3.3 step 2c);
+    centered  r = the mean of the members compared at that key position (what they share, such as the
+              common initialisation and the LayerNorm gains, cancels);
+    updates   r = the model the member last received (`reference`, given by the engine): each member's
+              change. A member without a change (P(a − r) = 0) has similarity 0 with every other member.
+The member itself keeps the paper's score 1 (e_qq = 1), also divided by τ. Residual picking (E) and
+routing (A.3.7) rank by the same s; τ does not change a ranking.
 
 Shape letters used throughout:
     L  number of key positions (the last |K| blocks; position l is 0-based among the key blocks)
@@ -24,16 +36,21 @@ ones, so there is one implementation of the math.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "SIMILARITIES",
+    "Similarity",
     "aggregate_children",
     "aggregate_children_batched",
     "aggregate_with_parent",
     "aggregate_with_parent_batched",
+    "attention_spread",
     "cosine",
     "cosine_matrix",
     "most_dissimilar",
@@ -46,6 +63,29 @@ __all__ = [
 # 2 MiB per operand however large the key layers are, small enough to stay in cache (`worldlm bench`:
 # the Gram matrix of 17 micro-sized key layers took 2.7x longer with 128 MiB chunks).
 _CHUNK_ELEMENTS = 1 << 18
+
+SIMILARITIES = ("weights", "centered", "updates")
+
+
+@dataclass(frozen=True)
+class Similarity:
+    """How key layers are compared (module docstring): the kind of reference, τ, the compared elements."""
+
+    kind: str = "weights"  # weights | centered | updates
+    temperature: float = 1.0  # τ > 0: softmax(s / τ)
+    mask: Tensor | None = field(default=None, compare=False)  # [D] bool: the elements compared; None: all
+
+    def __post_init__(self) -> None:
+        if self.kind not in SIMILARITIES:
+            raise ValueError(f"similarity kind must be one of {', '.join(SIMILARITIES)}, got {self.kind!r}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+        m = self.mask
+        if m is not None and (m.dim() != 1 or m.dtype != torch.bool or not bool(m.any())):
+            raise ValueError("similarity mask must be a 1-D bool tensor selecting at least one element")
+
+
+WEIGHTS = Similarity()  # the paper's similarity
 
 
 # --------------------------------------------------------------------------------------------------
@@ -69,6 +109,37 @@ def _acc_dtype(*tensors: Tensor) -> torch.dtype:
 
 def _chunk(rows: int) -> int:
     return max(1, _CHUNK_ELEMENTS // max(1, rows))
+
+
+def _check_sim(sim: Similarity, d: int, reference: Tensor | None, ref_shapes: Sequence[tuple[int, ...]]) -> None:
+    if sim.mask is not None and sim.mask.shape != (d,):
+        raise ValueError(f"similarity mask must have D={d} elements, got {tuple(sim.mask.shape)}")
+    if sim.kind == "updates":
+        if reference is None:
+            raise ValueError("similarity 'updates' needs the reference model (what the members last received)")
+        _check_float("reference", reference)
+        if tuple(reference.shape) not in ref_shapes:
+            raise ValueError(f"reference must have a shape in {list(ref_shapes)}, got {tuple(reference.shape)}")
+
+
+def _compared(x: Tensor, basis: Tensor | None, sim: Similarity) -> Tensor:
+    """P(x − r): what the similarity reads of x (x itself, no copy, for the paper's `weights` on all elements)."""
+    if basis is not None:
+        acc = _acc_dtype(x, basis)
+        x = x.to(acc) - basis.to(device=x.device, dtype=acc)
+    if sim.mask is not None:
+        x = x[..., sim.mask.to(x.device)]
+    return x
+
+
+def _mean(x: Tensor, dim: int) -> Tensor:
+    """Mean in the accumulation dtype (the `centered` reference)."""
+    return x.to(_acc_dtype(x)).mean(dim=dim)
+
+
+def _scaled(scores: Tensor, sim: Similarity) -> Tensor:
+    """s / τ (−inf, a member that does not take part, stays −inf)."""
+    return scores if sim.temperature == 1.0 else scores / sim.temperature
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,6 +244,8 @@ def aggregate_with_parent_batched(
     parent: Tensor,
     residuals: Sequence[tuple[Tensor, int]] = (),
     attention: bool = True,
+    sim: Similarity = WEIGHTS,
+    reference: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """A.3.3 step 2 / A.3.5: attention of a node's key layers over its parent's and its residuals'.
 
@@ -181,6 +254,9 @@ def aggregate_with_parent_batched(
       unfilled layers"), i.e. its weight is exactly 0 at every other position.
     attention: False gives the "attention off" ablation: uniform weights over the entries that
       take part at each position (self, parent, and the residuals at that position).
+    sim: the similarity (module docstring); `centered` subtracts, per position, the mean of the entries
+      taking part there (with no residual: own and parent alone, whose centred cosine is −1).
+    reference: [L, D], for `updates`: the keys the node started its last training from.
 
     Returns (new keys [L, D] in own's dtype, λ [L, 2+R]: columns self, parent, residual 1..R;
     masked entries 0; each row sums to 1).
@@ -200,23 +276,37 @@ def aggregate_with_parent_batched(
             raise ValueError(f"residual {i} has key position {at}, outside [0, {n_pos})")
         vecs.append(v)
         pos.append(int(at))
+    _check_sim(sim, d, reference, [(n_pos, d)])
     n_res = len(vecs)
     dev = own.device
     sdt = _sim_dtype(dev)
+    res = torch.stack([v.to(device=dev) for v in vecs]) if n_res else own[:0]  # [R, D]
+    pos_t = torch.tensor(pos, dtype=torch.long, device=dev)  # [R]
+    basis = reference
+    if sim.kind == "centered":  # per position: the mean of own, parent and the residuals at that position
+        acc = _acc_dtype(own, parent, res)
+        total = own.to(acc) + parent.to(acc)
+        count = torch.full((n_pos, 1), 2.0, dtype=acc, device=dev)
+        for r in range(n_res):
+            total[pos[r]] += res[r].to(acc)
+            count[pos[r]] += 1.0
+        basis = total / count
+    elif sim.kind == "weights":
+        basis = None
 
-    # Scores e [L, 2+R] (step 2c): self is the constant 1, parent and residuals are cosines.
+    # Scores e [L, 2+R] (step 2c): self is the constant 1, parent and residuals are similarities.
     scores = torch.full((n_pos, 2 + n_res), float("-inf"), dtype=sdt, device=dev)
     scores[:, 0] = 1.0
-    scores[:, 1] = cosine(own, parent)
+    seen = _compared(own, basis, sim)
+    scores[:, 1] = cosine(seen, _compared(parent, basis, sim))
     if n_res:
-        res = torch.stack([v.to(device=dev) for v in vecs])  # [R, D]
-        pos_t = torch.tensor(pos, dtype=torch.long, device=dev)  # [R]
         cols = torch.arange(2, 2 + n_res, device=dev)
+        res_basis = None if basis is None else basis.index_select(0, pos_t)
         # Residual r scores only against own[l_r]; every other (l, r) cell stays -inf -> weight 0.
-        scores[pos_t, cols] = cosine(own.index_select(0, pos_t), res)
+        scores[pos_t, cols] = cosine(seen.index_select(0, pos_t), _compared(res, res_basis, sim))
     if not attention:
         scores = torch.where(torch.isinf(scores), scores, torch.zeros_like(scores))
-    lam = torch.softmax(scores, dim=-1)  # [L, 2+R] (step 2d)
+    lam = torch.softmax(_scaled(scores, sim), dim=-1)  # [L, 2+R] (step 2d)
 
     acc = _acc_dtype(own, parent, *vecs)
     w = lam.to(acc)
@@ -227,13 +317,16 @@ def aggregate_with_parent_batched(
     return out.to(own.dtype), lam
 
 
-def aggregate_children_batched(members: Tensor, attention: bool = True) -> tuple[Tensor, Tensor]:
+def aggregate_children_batched(
+    members: Tensor, attention: bool = True, sim: Similarity = WEIGHTS, reference: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """A.3.3 step 4.iv C–D: attention among a node and its children, then average pooling.
 
     members: [M, L, D]; member 0 is the node q itself, members 1.. are its children.
-    For each position l and member c: λ_{c,·} = softmax_j cos(K_c, K_j) over all members j (c itself
+    For each position l and member c: λ_{c,·} = softmax_j s(K_c, K_j) / τ over all members j (c itself
     included with score exactly 1), K'_c = Σ_j λ_{c,j} K_j; pooled K'_q = mean_c K'_c.
     attention: False gives the plain mean and uniform λ.
+    reference: for `updates`, [L, D] (common to all members) or [M, L, D] (each member's own).
 
     Returns (pooled [L, D] in members' dtype, λ [L, M, M] with λ[l, c, j] = weight of j in K'_c).
     """
@@ -241,13 +334,15 @@ def aggregate_children_batched(members: Tensor, attention: bool = True) -> tuple
     if members.dim() != 3 or members.shape[0] == 0:
         raise ValueError(f"members must be [M>=1, L, D], got {tuple(members.shape)}")
     m, n_pos, d = members.shape
+    _check_sim(sim, d, reference, [(n_pos, d), (m, n_pos, d)])
     dev = members.device
     acc = _acc_dtype(members)
     if attention:
-        scores = _gram_cos(members.transpose(0, 1))  # [L, M, M]
+        basis = {"weights": None, "centered": _mean(members, 0), "updates": reference}[sim.kind]
+        scores = _gram_cos(_compared(members, basis, sim).transpose(0, 1))  # [L, M, M]
         # The paper sets self-similarity to 1 (as e_{q,q} = 1 in step 2c), also for a zero vector.
         scores.diagonal(dim1=-2, dim2=-1).fill_(1.0)
-        lam = torch.softmax(scores, dim=-1)
+        lam = torch.softmax(_scaled(scores, sim), dim=-1)
         # mean_c Σ_j λ_cj K_j = Σ_j (mean_c λ_cj) K_j: one weighted sum instead of M.
         w = lam.mean(dim=1).to(acc)  # [L, M]
         out = torch.zeros((n_pos, d), dtype=acc, device=dev)
@@ -262,12 +357,21 @@ def aggregate_children_batched(members: Tensor, attention: bool = True) -> tuple
     return out.to(members.dtype), lam
 
 
-def most_dissimilar_batched(pooled: Tensor, candidates: Tensor, nu: int) -> tuple[Tensor, Tensor]:
-    """A.3.3 step 4.iv E: per position, the ν candidates least cosine-similar to the pooled layer.
+def most_dissimilar_batched(
+    pooled: Tensor,
+    candidates: Tensor,
+    nu: int,
+    sim: Similarity = WEIGHTS,
+    reference: Tensor | None = None,
+    eligible: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """A.3.3 step 4.iv E: per position, the ν candidates least similar to the pooled layer.
 
     pooled: [L, D]; candidates: [C, L, D] (the engine passes the children's key layers).
-    Returns (indices [L, min(ν, C)] int64, each row ascending; sims [L, C]). Ties in similarity
-    prefer the lower index.
+    sim: `centered` subtracts the candidates' mean at each position; reference: [L, D] for `updates`.
+    eligible: optional [L, C] bool, False: the candidate may not be picked at that position.
+    Returns (indices [L, min(ν, C)] int64: each row the picked candidates ascending, then −1 where fewer
+    than ν are eligible; sims [L, C]). Ties in similarity prefer the lower index.
     """
     _check_float("pooled", pooled)
     _check_float("candidates", candidates)
@@ -277,16 +381,26 @@ def most_dissimilar_batched(pooled: Tensor, candidates: Tensor, nu: int) -> tupl
         raise ValueError(
             f"expected pooled [L, D] and candidates [C, L, D], got {tuple(pooled.shape)}, {tuple(candidates.shape)}"
         )
+    n_cand = candidates.shape[0]
+    _check_sim(sim, pooled.shape[1], reference, [tuple(pooled.shape)])
+    if eligible is not None and (eligible.shape != (pooled.shape[0], n_cand) or eligible.dtype != torch.bool):
+        raise ValueError(f"eligible must be a bool tensor of shape [{pooled.shape[0]}, {n_cand}]")
+    basis = {"weights": None, "centered": _mean(candidates, 0), "updates": reference}[sim.kind]
+    seen = _compared(pooled, basis, sim)
     # Dots as float64 matmuls per position and norms apart: broadcasting `pooled` against every
     # candidate (as `cosine` would) up-casts C copies of it.
     dtype = _sim_dtype(pooled.device)
-    cands = candidates.transpose(0, 1)  # [L, C, D]
-    dots = _dots_matmul(cands, pooled.unsqueeze(1), dtype).squeeze(-1)  # [L, C]
-    sims = _cos_from(dots, _sq_norms(cands, dtype), _sq_norms(pooled, dtype).unsqueeze(-1))  # [L, C]
-    k = min(nu, candidates.shape[0])
+    cands = _compared(candidates, basis, sim).transpose(0, 1)  # [L, C, D]
+    dots = _dots_matmul(cands, seen.unsqueeze(1), dtype).squeeze(-1)  # [L, C]
+    sims = _cos_from(dots, _sq_norms(cands, dtype), _sq_norms(seen, dtype).unsqueeze(-1))  # [L, C]
+    k = min(nu, n_cand)
+    ranked = sims if eligible is None else sims.masked_fill(~eligible.to(sims.device), float("inf"))
     # Stable ascending sort: least similar first, equal similarities keep index order.
-    order = torch.sort(sims, dim=-1, stable=True).indices[:, :k]
-    return torch.sort(order, dim=-1).values, sims
+    order = torch.sort(ranked, dim=-1, stable=True).indices[:, :k]
+    if eligible is not None:  # ineligible picks sort last (as index C), then read -1
+        order = torch.where(ranked.gather(1, order).isinf(), torch.full_like(order, n_cand), order)
+    order = torch.sort(order, dim=-1).values
+    return torch.where(order == n_cand, torch.full_like(order, -1), order), sims
 
 
 def route_batched(
@@ -294,12 +408,16 @@ def route_batched(
     positions: Tensor,
     children: Tensor,
     allowed: Tensor | None = None,
+    sim: Similarity = WEIGHTS,
+    reference: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """A.3.3 step 4.ii–iii / A.3.7: send each residual (v, l) to the child with the most similar K_{c,l}.
 
     residuals: [R, D]; positions: [R] int64 key positions; children: [C, L, D];
     allowed: optional [R, C] bool, False excludes a child for that residual (e.g. never route a
       residual back into the subtree it came from).
+    sim: `centered` subtracts the children's mean at the residual's position (from both sides);
+      reference: [L, D] for `updates` (the model the children are about to receive).
     Returns (child index [R] int64, -1 where no child is allowed; its cosine [R], 0 where -1).
     Ties prefer the lower child index.
     """
@@ -319,12 +437,17 @@ def route_batched(
         raise ValueError(f"residual positions must lie in [0, {n_pos})")
     if allowed is not None and (allowed.shape != (n_res, n_child) or allowed.dtype != torch.bool):
         raise ValueError(f"allowed must be a bool tensor of shape [{n_res}, {n_child}]")
+    _check_sim(sim, d, reference, [(n_pos, d)])
     sdt = _sim_dtype(dev)
     if n_res == 0 or n_child == 0:
         return (
             torch.full((n_res,), -1, dtype=torch.long, device=dev),
             torch.zeros((n_res,), dtype=sdt, device=dev),
         )
+    basis = {"weights": None, "centered": _mean(children, 0), "updates": reference}[sim.kind]
+    residuals = _compared(residuals, None if basis is None else basis.index_select(0, positions), sim)
+    children = _compared(children, basis, sim)
+    d = children.shape[-1]
 
     # Dots against every (child, position), then keep each residual's own position: L× the flops
     # of a gather but no [C, R, D] copy, and L is small.
@@ -342,6 +465,22 @@ def route_batched(
     best = torch.where(none, torch.full_like(best, -1), best)
     best_sim = torch.where(none, torch.zeros_like(best_sim), best_sim)
     return best, best_sim
+
+
+def attention_spread(weights: Tensor, takes_part: Tensor | None = None) -> dict[str, float]:
+    """How far attention rows are from uniform: the mean over rows of their max, min and entropy (nats).
+
+    weights: [..., K] rows that sum to 1; takes_part: the same shape, bool, False for an entry masked
+    out of its row (a residual at another key position): it counts neither in min nor in the entropy.
+    A uniform row over k entries has max = min = 1/k and entropy ln k.
+    """
+    w = weights.double().reshape(-1, weights.shape[-1])
+    part = torch.ones_like(w, dtype=torch.bool) if takes_part is None else takes_part.reshape(w.shape).to(w.device)
+    big = w.masked_fill(~part, float("-inf")).amax(dim=-1)
+    small = w.masked_fill(~part, float("inf")).amin(dim=-1)
+    logs = torch.where(part & (w > 0), w.clamp_min(1e-300).log(), torch.zeros_like(w))
+    entropy = -(w * logs).sum(dim=-1)
+    return {"max": float(big.mean()), "min": float(small.mean()), "entropy": float(entropy.mean())}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,8 +21,11 @@ import torch
 from torch import Tensor
 
 from worldlm.federation.aggregation import (
+    WEIGHTS,
+    Similarity,
     aggregate_children_batched,
     aggregate_with_parent_batched,
+    attention_spread,
     most_dissimilar_batched,
     route_batched,
 )
@@ -70,6 +73,10 @@ class NodeState:
     server_opt: ServerOpt | None = None  # inner nodes only (per-level momentum)
     to_aggregate: list[Residual] = field(default_factory=list)  # D_a (leaves)
     to_route: list[Residual] = field(default_factory=list)  # D_r (inner nodes; the root's for next round)
+    # similarity "updates": the key layers [L, D] the node's latest visit started from (what it received)
+    reference: Tensor | None = None
+    # inner nodes: consecutive aggregations in which each child's weight here was under the outlier threshold
+    low_rounds: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,14 @@ class FedOptions:
     route_to_origin: bool = True  # A.3.7; False: never route a residual back into the subtree it came from
     sub_rounds: int = 1  # T_q
     parallel: bool = False  # §3.1 parallel mode: an inner node trains as a client beside its children
+    similarity: Similarity = WEIGHTS  # how key layers are compared (attention, residual picking, routing)
+    # A child whose share of its parent's attention over the children (`child_shares`) falls under
+    # outlier_weight / C (C children; 0: off) for outlier_rounds aggregations in a row is an `outlier`; with
+    # skip_outlier_residuals a child under it is not picked as a residual there (its keys are not carried
+    # to other federations).
+    outlier_weight: float = 0.5
+    outlier_rounds: int = 2
+    skip_outlier_residuals: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,22 +126,32 @@ def _uses_keys(split: Split, opts: FedOptions) -> bool:
 
 
 def receive_from_parent(
-    own: Tensor, parent: Tensor, residuals: list[Residual], split: Split, opts: FedOptions
+    own: Tensor,
+    parent: Tensor,
+    residuals: list[Residual],
+    split: Split,
+    opts: FedOptions,
+    reference: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Steps 2–3: aggregate own keys with the parent's (and D_a) by attention; take the parent's backbone.
 
-    Returns the new flat state and the attention weights [L, 2 + |D_a|] (None when keys are not shared).
+    `reference`: the keys the node's last visit started from (similarity "updates"; None: no visit yet,
+    so its own keys: no change). Returns the new flat state and the attention weights [L, 2 + |D_a|]
+    (None when keys are not shared).
     """
     backbone = split.backbone(parent).clone()  # step 3: replace backbone
     if split.key_blocks == 0:
         return backbone, None
     if not opts.share_keys:  # FedPer: personal layers never mix
         return split.join(backbone, split.keys(own)), None
+    updates = opts.similarity.kind == "updates"
     keys, weights = aggregate_with_parent_batched(
         split.keys(own),
         split.keys(parent),
         [(r.vector, r.position) for r in residuals],
         attention=opts.attention,
+        sim=opts.similarity,
+        reference=(split.keys(own) if reference is None else reference) if updates else None,
     )  # step 2c–d
     return split.join(backbone, keys), weights
 
@@ -139,11 +164,16 @@ def aggregate_subtree(
     split: Split,
     opts: FedOptions,
     own: Tensor | None = None,
+    reference: Tensor | None = None,
 ) -> tuple[Tensor, list[Residual], Tensor | None]:
     """Step 4.iv: ServerOpt on the mean pseudo-gradient, attention pooling of keys, residual selection.
 
     `own`: in the parallel schedule (§3.1) the node trained as a client from `node_params` beside its
     children; its trained state is then one more pseudo-gradient in the mean and its keys are member 0.
+    `reference`: the keys the node's visit started from (similarity "updates": the node's own change is
+    measured from them, its children's from `node_params`, the model it sent them).
+    With `opts.skip_outlier_residuals`, residuals are picked among the children whose share of the node's
+    attention (`child_shares`) is at least `opts.outlier_weight` / C at that key position.
     Returns the node's new state, the residuals it selected, and the attention weights [L, M, M].
     """
     backbone = split.backbone(node_params)
@@ -155,14 +185,37 @@ def aggregate_subtree(
         return split.join(new_backbone, node_keys), [], None
     child_keys = torch.stack([split.keys(u.params) for u in updates])  # [C, L, D]
     members = torch.cat([node_keys.unsqueeze(0), child_keys])  # [M, L, D], member 0 = q
-    pooled, weights = aggregate_children_batched(members, attention=opts.attention)  # C–D
+    sent = split.keys(node_params)  # the model q's children received from it
+    refs: Tensor | None = None
+    if (
+        opts.similarity.kind == "updates"
+    ):  # each member's change: q's since its visit began, the children's since `sent`
+        mine = node_keys if reference is None else reference
+        refs = torch.cat([mine.unsqueeze(0), sent.unsqueeze(0).expand_as(child_keys)])
+    pooled, weights = aggregate_children_batched(members, opts.attention, opts.similarity, refs)  # C–D
     picked: list[Residual] = []
     if opts.nu > 0:
-        idx, _ = most_dissimilar_batched(pooled, child_keys, opts.nu)  # E: [L, nu] indices into children
+        eligible = None
+        if opts.skip_outlier_residuals and opts.outlier_weight > 0:  # q's attention all but ignores it: not carried on
+            eligible = child_shares(weights) >= opts.outlier_weight / len(updates)  # [L, C]
+        ref = sent if opts.similarity.kind == "updates" else None
+        idx, _ = most_dissimilar_batched(pooled, child_keys, opts.nu, opts.similarity, ref, eligible)  # E
         for pos in range(split.key_blocks):
             for c in idx[pos].tolist():
-                picked.append(Residual(child_keys[c, pos].clone(), pos, children[c]))
+                if c >= 0:
+                    picked.append(Residual(child_keys[c, pos].clone(), pos, children[c]))
     return split.join(new_backbone, pooled), picked, weights
+
+
+def child_shares(weights: Tensor) -> Tensor:
+    """Each child's share of its parent's attention over the children: the parent's own row of step 4.iv's
+    weights [L, M, M] (member 0 the parent) without its self-weight, renormalised: [L, C], rows sum to 1.
+
+    Leaving the self-weight out keeps the share comparable across temperatures (at a low τ the fixed
+    self-score 1 takes most of the row whatever the children are); uniform attention gives 1/C each.
+    """
+    row = weights[:, 0, 1:]
+    return row / row.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(row.dtype).tiny)
 
 
 def route_residuals(
@@ -172,20 +225,28 @@ def route_residuals(
     tree: Tree,
     split: Split,
     opts: FedOptions,
+    reference: Tensor | None = None,
 ) -> tuple[list[int], list[float]]:
     """Steps 4.ii–iii / A.3.7: send each residual to the child whose key layer at l is most similar.
 
-    Returns per residual the chosen child index (-1: no allowed child) and the cosine similarity.
+    Returns per residual the chosen child index (-1: no allowed child) and the similarity.
     """
     if not residuals:
         return [], []
-    return route_by_keys(residuals, children, torch.stack([split.keys(p) for p in child_params]), tree, opts)
+    keys = torch.stack([split.keys(p) for p in child_params])
+    return route_by_keys(residuals, children, keys, tree, opts, reference)
 
 
 def route_by_keys(
-    residuals: list[Residual], children: list[str], keys: Tensor, tree: Tree, opts: FedOptions
+    residuals: list[Residual],
+    children: list[str],
+    keys: Tensor,
+    tree: Tree,
+    opts: FedOptions,
+    reference: Tensor | None = None,
 ) -> tuple[list[int], list[float]]:
-    """`route_residuals` given the children's key layers [C, L, D] (what a parent knows of its children)."""
+    """`route_residuals` given the children's key layers [C, L, D] (what a parent knows of its children);
+    `reference` [L, D]: for similarity "updates", the keys the children are about to receive."""
     if not residuals:
         return [], []
     vectors = torch.stack([r.vector for r in residuals])  # [R, D]
@@ -194,7 +255,7 @@ def route_by_keys(
     if not opts.route_to_origin:
         subtrees = [set(tree.subtree(c)) for c in children]
         allowed = torch.tensor([[r.origin not in s for s in subtrees] for r in residuals], dtype=torch.bool)
-    dest, sims = route_batched(vectors, positions, keys, allowed)
+    dest, sims = route_batched(vectors, positions, keys, allowed, opts.similarity, reference)
     return dest.tolist(), sims.tolist()
 
 
@@ -212,8 +273,14 @@ def accept_from_parent(
     """
     (st.to_aggregate if leaf else st.to_route).extend(routed)
     used, st.to_aggregate = st.to_aggregate, []  # D_a is consumed by this aggregation
-    st.params, weights = receive_from_parent(st.params, parent, used, split, opts)
+    st.params, weights = receive_from_parent(st.params, parent, used, split, opts, st.reference)
     return weights, used
+
+
+def start_visit(st: NodeState, split: Split, opts: FedOptions) -> None:
+    """A node's (sub-)visit begins, before its training: remember the keys it starts from (similarity "updates")."""
+    if opts.similarity.kind == "updates" and _uses_keys(split, opts):
+        st.reference = split.keys(st.params).clone()
 
 
 def route_pending(
@@ -226,7 +293,8 @@ def route_pending(
     pending, st.to_route = st.to_route, []
     if not pending or not _uses_keys(split, opts):
         return []
-    dest, sims = route_by_keys(pending, children, torch.stack(child_keys), tree, opts)
+    sent = split.keys(st.params) if opts.similarity.kind == "updates" else None  # the model the children get next
+    dest, sims = route_by_keys(pending, children, torch.stack(child_keys), tree, opts, sent)
     return [(r, children[d] if d >= 0 else None, s) for r, d, s in zip(pending, dest, sims, strict=True)]
 
 
@@ -238,20 +306,32 @@ def aggregate_step(
     split: Split,
     opts: FedOptions,
     own: Tensor | None = None,
-) -> tuple[list[Residual], Tensor | None, list[Residual]]:
+) -> tuple[list[Residual], Tensor | None, list[Residual], list[tuple[str, float, int]]]:
     """Step 4.iv at an inner node once its children's updates arrived, updating `st` in place.
 
-    Returns the residuals it picked, the attention weights, and the residuals to send up (all it
-    picked plus those its children sent); the root keeps them as next round's D_r instead.
+    Returns the residuals it picked, the attention weights, the residuals to send up (all it
+    picked plus those its children sent; the root keeps them as next round's D_r instead), and the
+    outliers: (child, its mean share of the node's attention, aggregations in a row under the threshold)
+    for every child under `opts.outlier_weight` / C for at least `opts.outlier_rounds` aggregations.
     `own`: the node's own trained state in the parallel schedule (see `aggregate_subtree`).
     """
     assert st.server_opt is not None, "an inner node needs a server optimizer"
-    st.params, picked, weights = aggregate_subtree(st.params, updates, senders, st.server_opt, split, opts, own)
+    st.params, picked, weights = aggregate_subtree(
+        st.params, updates, senders, st.server_opt, split, opts, own, st.reference
+    )
+    outliers: list[tuple[str, float, int]] = []
+    if weights is not None and opts.outlier_weight > 0:
+        shares = child_shares(weights).mean(dim=0).tolist()  # each child's share of q's attention
+        for child, w in zip(senders, shares, strict=True):
+            low = w < opts.outlier_weight / len(senders)
+            st.low_rounds[child] = st.low_rounds.get(child, 0) + 1 if low else 0
+            if st.low_rounds[child] >= opts.outlier_rounds:
+                outliers.append((child, w, st.low_rounds[child]))
     forwarded = picked + [r for u in updates for r in u.residuals]
     if is_root:  # the root routes everything down at its next visit of its children
         st.to_route = forwarded
-        return picked, weights, []
-    return picked, weights, forwarded
+        return picked, weights, [], outliers
+    return picked, weights, forwarded, outliers
 
 
 def edge_event(rnd: int, src: str, dst: str, nbytes: int) -> Event:
@@ -259,7 +339,12 @@ def edge_event(rnd: int, src: str, dst: str, nbytes: int) -> Event:
 
 
 def parent_attention_event(rnd: int, node: str, parent: str, used: list[Residual], weights: Tensor) -> Event:
+    """Step 2's weights [L, 2+R] and their spread (over the entries taking part at each key position)."""
     members = [node, parent, *[f"residual:{r.origin}@{r.position}" for r in used]]
+    takes_part = torch.zeros(weights.shape, dtype=torch.bool)
+    takes_part[:, :2] = True
+    for j, r in enumerate(used):
+        takes_part[r.position, 2 + j] = True
     return {
         "event": "attention",
         "round": rnd,
@@ -267,10 +352,14 @@ def parent_attention_event(rnd: int, node: str, parent: str, used: list[Residual
         "kind": "parent",
         "members": members,
         "weights": weights.tolist(),
+        "spread": attention_spread(weights, takes_part),
     }
 
 
 def children_attention_event(rnd: int, node: str, senders: list[str], weights: Tensor) -> Event:
+    """Step 4.iv's weights [L, M, M]; `spread` of the node's own row (its weight on each member), `shares`:
+    each child's share of that row (`child_shares`, mean over key positions), and `pooled`: each member's
+    weight in the pooled keys (mean over the members' rows and the key positions)."""
     return {
         "event": "attention",
         "round": rnd,
@@ -278,6 +367,23 @@ def children_attention_event(rnd: int, node: str, senders: list[str], weights: T
         "kind": "children",
         "members": [node, *senders],
         "weights": weights.tolist(),
+        "spread": attention_spread(weights[:, 0]),
+        "shares": child_shares(weights).mean(dim=0).tolist(),
+        "pooled": weights.mean(dim=(0, 1)).tolist(),
+    }
+
+
+def outlier_event(
+    rnd: int, node: str, child: str, share: float, rounds: int, opts: FedOptions, n_children: int
+) -> Event:
+    """A child its parent's attention has all but ignored for `rounds` aggregations in a row (`child_shares`)."""
+    where = {"round": rnd, "node": node, "member": child}
+    return {
+        "event": "outlier",
+        **where,
+        "share": share,
+        "threshold": opts.outlier_weight / n_children,
+        "rounds": rounds,
     }
 
 
@@ -367,6 +473,7 @@ def run_round(
         outbox: list[Residual] = []  # residuals this subtree sends up
         for _ in range(opts.sub_rounds if children else 1):  # T_q sub-rounds per parent visit
             own: Tensor | None = None  # parallel schedule: q's trained state, a member of its own aggregation
+            start_visit(st, split, opts)
             if opts.local_steps[q] > 0:  # 4.i: local training with ClientOpt on the global clock
                 trained = trainer.train(q, st.params, step, opts.local_steps[q])
                 observe("trained", q, step + opts.local_steps[q], trained)
@@ -400,12 +507,14 @@ def run_round(
                 continue
             assert st.server_opt is not None, f"inner node {q} has no server optimizer"
             with phase("aggregation"):
-                picked, weights, to_parent = aggregate_step(
+                picked, weights, to_parent, outliers = aggregate_step(
                     st, updates, senders, q == tree.root, split, opts, own
                 )  # 4.iv
             observe("aggregated", q, step, st.params)
             if weights is not None:
                 emit(children_attention_event(round_idx, q, senders, weights))
+            for child, w, n in outliers:
+                emit(outlier_event(round_idx, q, child, w, n, opts, len(senders)))
             for r in picked:
                 emit(pick_event(round_idx, q, r))
             outbox.extend(to_parent)
@@ -461,7 +570,11 @@ def deployed_models(
 
     def walk(name: str, parent: Tensor | None) -> Iterator[tuple[str, Tensor]]:
         st = states[name]
-        model = st.params if parent is None else receive_from_parent(st.params, parent, st.to_aggregate, split, opts)[0]
+        model = (
+            st.params
+            if parent is None
+            else receive_from_parent(st.params, parent, st.to_aggregate, split, opts, st.reference)[0]
+        )
         release(name)
         yield name, model
         for child in tree[name].children:

@@ -25,7 +25,8 @@ QUEUES = ("to_aggregate", "to_route")
 
 
 def encode_state(st: NodeState) -> Part:
-    """A node's federation state as tensors (parameters, server-optimizer state, residual queues) and metadata."""
+    """A node's federation state as tensors (parameters, server-optimizer state, residual queues, the
+    similarity reference) and metadata (residual origins, outlier counts)."""
     tensors = {"params": st.params}
     if st.server_opt is not None:
         tensors.update({f"server/{k}": v for k, v in st.server_opt.state_dict().items()})
@@ -34,6 +35,10 @@ def encode_state(st: NodeState) -> Part:
         queue: list[Residual] = getattr(st, qname)
         tensors.update({f"{qname}/{j}": r.vector for j, r in enumerate(queue)})
         meta[qname] = [[r.position, r.origin] for r in queue]
+    if st.reference is not None:
+        tensors["reference"] = st.reference
+    if st.low_rounds:
+        meta["low_rounds"] = st.low_rounds
     return Part(tensors, meta)
 
 
@@ -46,6 +51,8 @@ def load_state(st: NodeState, part: Part) -> None:
     for qname in QUEUES:
         queue = [Residual(t[f"{qname}/{j}"], int(pos), str(origin)) for j, (pos, origin) in enumerate(part.meta[qname])]
         setattr(st, qname, queue)
+    st.reference = t.get("reference")
+    st.low_rounds = {str(k): int(v) for k, v in part.meta.get("low_rounds", {}).items()}
 
 
 def adam_part(opt: torch.optim.Optimizer) -> Part:

@@ -19,6 +19,7 @@ from torch import Tensor
 from worldlm import config as C
 from worldlm.data.mixture import BatchSampler, Span, assign_shards, cap_spans
 from worldlm.data.prepared import Prepared
+from worldlm.federation.aggregation import Similarity
 from worldlm.federation.privacy import DPSettings, Privacy
 from worldlm.federation.server_opt import ServerOpt, ServerOptConfig, make_server_opt
 from worldlm.federation.tree import NodeSpec, Tree, TreeNode, build_tree, flat_tree
@@ -124,6 +125,9 @@ def plan(cfg: C.Config, tree: Tree, spans: dict[str, list[Span]], layout: ParamL
     keys = layout.split
     no_keys = Split(layout.total, 0, 0)
 
+    matrices = fed.similarity_on == "matrices" and keys.key_blocks > 0
+    similarity = Similarity(fed.similarity, fed.temperature, layout.key_matrix_mask() if matrices else None)
+
     def opts(steps: dict[str, int], **kw: Any) -> FedOptions:
         return FedOptions(
             local_steps=steps,
@@ -131,6 +135,10 @@ def plan(cfg: C.Config, tree: Tree, spans: dict[str, list[Span]], layout: ParamL
             attention=fed.attention,
             route_to_origin=fed.route_to_origin,
             sub_rounds=fed.sub_rounds,
+            similarity=similarity,
+            outlier_weight=fed.outlier_weight,
+            outlier_rounds=fed.outlier_rounds,
+            skip_outlier_residuals=fed.skip_outlier_residuals,
             **kw,
         )
 

@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
+from torch import Tensor
 
 from worldlm import config as C
 from worldlm.errors import WorldLMError
@@ -266,6 +268,10 @@ class _Sizes:
     @property
     def split(self) -> Split:
         return Split(self.backbone_size, self.key_blocks, self.key_size)
+
+    def key_matrix_mask(self) -> Tensor:
+        """All elements: the coordinator never compares key layers (the nodes do, with the model's own mask)."""
+        return torch.ones(self.key_size, dtype=torch.bool)
 
 
 def engine_plan(cfg: C.Config, tree: Tree, sizes: _Sizes | None = None) -> list[Federation]:

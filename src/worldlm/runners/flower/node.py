@@ -43,11 +43,13 @@ from worldlm.federation.worldlm import (
     accept_from_parent,
     aggregate_step,
     children_attention_event,
+    outlier_event,
     parent_attention_event,
     pick_event,
     receive_from_parent,
     route_event,
     route_pending,
+    start_visit,
 )
 from worldlm.io import atomic_write_bytes
 from worldlm.runners.checkpoint import Part
@@ -247,6 +249,7 @@ class NodeSide:
             weights, used = accept_from_parent(h.state, parent, routed, tree.is_leaf(node), split, opts)
             if weights is not None:
                 log.append(parent_attention_event(rnd, node, str(c["parent"]), used, weights))
+        start_visit(h.state, split, opts)
         n_steps = opts.local_steps[node]
         if n_steps > 0:  # 4.i: local training with ClientOpt on the global clock
             h.state.params = self.trainer.train(node, h.state.params, step, n_steps)
@@ -289,9 +292,10 @@ class NodeSide:
         log: list[dict[str, Any]] = []
         is_root = node == fed.tree.root
         if updates:
-            picked, weights, up = aggregate_step(h.state, updates, senders, is_root, split, opts)
+            picked, weights, up, outliers = aggregate_step(h.state, updates, senders, is_root, split, opts)
             if weights is not None:
                 log.append(children_attention_event(rnd, node, senders, weights))
+            log.extend(outlier_event(rnd, node, ch, w, n, opts, len(senders)) for ch, w, n in outliers)
             log.extend(pick_event(rnd, node, r) for r in picked)
             h.outbox.extend(up)
             if split.key_blocks and opts.share_keys:  # what this node now knows of its children's key layers
@@ -312,7 +316,8 @@ class NodeSide:
         params = h.state.params
         if "deployed" in content.array_records:  # eval.model = deployed: steps 2–3 on a copy (state unchanged)
             parent = wire.model_from_record(content.array_records["deployed"], params, h.fed.split)
-            params, _ = receive_from_parent(params, parent, h.state.to_aggregate, h.fed.split, h.fed.opts)
+            st, fed = h.state, h.fed
+            params, _ = receive_from_parent(params, parent, st.to_aggregate, fed.split, fed.opts, st.reference)
         reply = RecordDict()
         metrics: dict[str, Any] = {}
         for user in self.users.get(h.name, []):
