@@ -318,3 +318,92 @@ def test_updates_similarity_resumes_and_offloads_bitwise(data: Path, tmp_path: P
     assert _summary(resumed) == _summary(full)
     offloaded = train_tiny(tmp_path, data, "worldlm", "train.rounds=3", "federation.offload_states=true", *SETS)
     assert _summary(offloaded) == _summary(full)
+
+
+# --------------------------------------------------------------------------------------------------
+# poisoned nodes (attack) and what the experiment report shows of them
+
+
+def test_random_token_sampler_and_scaled_update_trainer(data: Path) -> None:
+    from worldlm.data.mixture import BatchSampler
+    from worldlm.data.prepared import load_prepared
+    from worldlm.model import GPT, ParamLayout, gpt_config
+    from worldlm.runners.planning import tree_from_config
+    from worldlm.runners.trainer import LocalTrainer
+    from worldlm.train import ClientOptConfig, Schedule
+
+    prepared = load_prepared(data)
+    cfg = C.load_config(tiny_config(data.parent, data), ['attack.nodes=["fr"]', 'attack.kind="random_tokens"'])
+    from worldlm.data.mixture import assign_shards
+
+    sizes = {s: prepared.splits[s]["train"].tokens for s in prepared.sources}
+    spans = assign_shards(tree_from_config(cfg), sizes, 3, 2)["fr"]
+    clean = BatchSampler(prepared, spans, 16, 4, seed=5)
+    noisy = BatchSampler(prepared, spans, 16, 4, seed=5, noise_vocab=prepared.vocab_size)
+    x, y = noisy.next()
+    assert x.shape == (4, 16) and bool((x[:, 1:] == y[:, :-1]).all())
+    assert int(x.max()) < prepared.vocab_size and not torch.equal(x, clean.next()[0])
+    # scaled_update: the trained change times attack.scale, from the same start
+    outs = []
+    for scale in (1.0, -10.0):
+        torch.manual_seed(0)
+        model = GPT(gpt_config("nano", prepared.vocab_size, 16))
+        layout = ParamLayout(model, 0)
+        trainer = LocalTrainer(model, layout, ClientOptConfig(0.1, 0.9, 0.95, 1.0), Schedule(1e-3, 0.1, 1, 4))
+        trainer.add_node("fr", BatchSampler(prepared, spans, 16, 4, seed=5), update_scale=scale)
+        start = layout.flatten(model)
+        outs.append((start, trainer.train("fr", start, 0, 2)))
+    (start, honest), (_, attacked) = outs
+    torch.testing.assert_close(attacked, start - 10.0 * (honest - start))
+
+
+def test_attack_config_errors_are_one_line(data: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, data)
+    with pytest.raises(ConfigError, match=r"attack\.nodes names 'xx'"):
+        C.load_config(cfg, ['attack.nodes=["xx"]'])
+    with pytest.raises(ConfigError, match=r"attack\.kind 'flip' is unknown"):
+        C.load_config(cfg, ['attack.kind="flip"'])
+
+
+def test_report_shows_clean_nodes_shares_and_outliers(data: Path, tmp_path: Path) -> None:
+    from worldlm.cli import main
+
+    tiny_config(tmp_path, data)  # writes worldlm.toml beside the experiment
+    experiment = tmp_path / "robust.toml"
+    experiment.write_text(
+        """
+name = "robust"
+base = "worldlm.toml"
+methods = ["worldlm"]
+seeds = [0]
+set = ["train.rounds=3", "train.local_steps=2", "train.threads=1", 'federation.similarity="updates"',
+       "federation.temperature=0.05", "federation.outlier_weight=0.99", "federation.outlier_rounds=1"]
+
+[variants.clean]
+
+[variants.noise]
+set = ['attack.nodes=["fr"]', 'attack.kind="scaled_update"', "attack.scale=-10.0"]
+"""
+    )
+    out_root = tmp_path / "results"
+    assert main(["experiment", str(experiment), "--out-root", str(out_root), "--quiet"]) == 0
+    report = json.loads((out_root / "robust" / "report.json").read_text())
+    md = (out_root / "robust" / "report.md").read_text()
+    for variant in ("clean", "noise"):
+        v = report["variants"][variant]
+        wl = v["methods"]["worldlm"]
+        clean_nodes = [n for n in wl["nodes"] if n != "fr"]
+        assert wl["mean_ppl_clean"] == pytest.approx(sum(wl["nodes"][n] for n in clean_nodes) / len(clean_nodes))
+        edges = {r["edge"]: r for r in v["attention"]}
+        assert set(edges) == {"fr-it → fr", "fr-it → it", "uk-ru → uk", "uk-ru → ru", "root → fr-it", "root → uk-ru"}
+        assert all(r["uniform"] == 0.5 for r in edges.values())
+        assert all(r["share_min"] <= r["share_last"] + 1e-12 for r in edges.values())  # the last round is counted
+        siblings = edges["fr-it → fr"]["share_last"] + edges["fr-it → it"]["share_last"]
+        assert siblings == pytest.approx(1.0)
+    # with a threshold of 0.99 x 1/C nearly every child is flagged somewhere: the count is what the events say
+    runs = out_root / "robust" / "runs" / "noise" / "worldlm" / "seed0" / "metrics.jsonl"
+    flagged = [json.loads(x) for x in runs.read_text().splitlines() if '"outlier"' in x]
+    fr = report["variants"]["noise"]["attention"]
+    want = sum(1 for e in flagged if e["node"] == "fr-it" and e["member"] == "fr")
+    assert next(r for r in fr if r["edge"] == "fr-it → fr")["outlier_rounds"] == want
+    assert "nodes that no variant attacks" in md and "| fr-it → fr |" in md

@@ -31,6 +31,7 @@ SCHEDULES = ("sequential", "parallel")
 FL_ROUNDS = ("stage", "global")
 SERVER_OPTS = ("fedavg", "fedavgm", "nesterov", "fedadam")
 SIMILARITY_ON = ("all", "matrices")
+ATTACKS = ("random_tokens", "scaled_update")
 
 
 @dataclass
@@ -167,6 +168,20 @@ class DPConfig:
 
 
 @dataclass
+class AttackConfig:
+    """Poisoned nodes, to test what the federation does with a member it should not trust (issue 15).
+
+    "random_tokens": the nodes train on uniformly random tokens instead of their text; "scaled_update": each
+    local training's change is multiplied by `scale` before the node uses and sends it (-10: a sign-flipped,
+    amplified update). Their own perplexity is still measured on their true held-out text.
+    """
+
+    nodes: list[str] = field(default_factory=list)
+    kind: str = "random_tokens"
+    scale: float = -10.0
+
+
+@dataclass
 class NodeConfig:
     name: str = ""
     parent: str = ""  # empty: the root
@@ -192,6 +207,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     tree: TreeConfig = field(default_factory=TreeConfig)
 
 
@@ -400,6 +416,7 @@ def validate(cfg: Config) -> None:
         "tree.nodes is empty; describe at least one node ([[tree.nodes]] name = ...)",
     )
     _validate_dp(cfg)
+    _validate_attack(cfg)
 
 
 CLIP_RULES = ("median", "adaptive", "fixed")  # = federation.privacy.CLIP_RULES
@@ -425,6 +442,24 @@ def _validate_dp(cfg: Config) -> None:
             f"tree node '{root}' is the root: it sends nothing to a parent, so DP has nothing to privatise there; "
             "flag leaves or regions instead (dp = true / dp.nodes)",
         )
+
+
+def _validate_attack(cfg: Config) -> None:
+    a = cfg.attack
+    _check(a.kind in ATTACKS, f"attack.kind '{a.kind}' is unknown{_suggest(a.kind, ATTACKS)}")
+    _check(math.isfinite(a.scale), f"attack.scale must be a finite number, got {a.scale}")
+    names = [n.name for n in cfg.tree.nodes]
+    for name in a.nodes:
+        _check(name in names, f"attack.nodes names '{name}', which is not a tree node{_suggest(name, names)}")
+    _check(
+        not a.nodes or cfg.method != "centralized",
+        "attack.nodes has no meaning for method 'centralized' (one node on pooled text); attack another method",
+    )
+
+
+def attacked(cfg: Config, node: str, kind: str) -> bool:
+    """Whether engine node `node` runs the attack `kind` (see AttackConfig)."""
+    return cfg.attack.kind == kind and node in cfg.attack.nodes
 
 
 def dp_nodes(cfg: Config) -> set[str]:
@@ -497,6 +532,9 @@ ADDED_KEYS: dict[tuple[str, str], Any] = {
     ("federation", "outlier_weight"): 0.5,
     ("federation", "outlier_rounds"): 2,
     ("federation", "skip_outlier_residuals"): False,
+    ("attack", "nodes"): [],
+    ("attack", "kind"): "random_tokens",
+    ("attack", "scale"): -10.0,
 }
 
 
@@ -509,6 +547,6 @@ def same_config(path: Path, cfg: Config) -> bool:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return False
     for (table, key), value in ADDED_KEYS.items():
-        if isinstance(saved.get(table), dict):
+        if isinstance(saved.setdefault(table, {}), dict):  # a table added later is absent altogether
             saved[table].setdefault(key, value)
     return saved == tomllib.loads(dumps(cfg))

@@ -42,12 +42,13 @@ class RunData:
     routes: list[dict[str, Any]]
     trace: list[dict[str, Any]]  # eval.trace_round records
     tokens: int  # training tokens of all nodes in the whole run (its compute)
+    outliers: list[dict[str, Any]]  # `outlier` events (issue 15)
 
 
 def read_run(spec: RunSpec) -> RunData:
     val: dict[str, plots.Curve] = defaultdict(list)
     val_compute: dict[str, plots.Curve] = defaultdict(list)
-    attention, routes, trace = [], [], []
+    attention, routes, trace, outliers = [], [], [], []
     tokens = 0  # training tokens of all nodes so far: a round's evaluation follows its training
     with (spec.dir / "metrics.jsonl").open(encoding="utf-8") as fh:
         for line in fh:
@@ -63,8 +64,10 @@ def read_run(spec: RunSpec) -> RunData:
                 routes.append(rec)
             elif rec.get("event") == "trace":
                 trace.append(rec)
+            elif rec.get("event") == "outlier":
+                outliers.append(rec)
     summary = json.loads((spec.dir / "summary.json").read_text(encoding="utf-8"))
-    return RunData(spec, summary, dict(val), dict(val_compute), attention, routes, trace, tokens)
+    return RunData(spec, summary, dict(val), dict(val_compute), attention, routes, trace, tokens, outliers)
 
 
 def mean_curve(curves: list[plots.Curve]) -> plots.Curve:
@@ -87,13 +90,19 @@ def _val_mean(summary: dict[str, Any], key: str) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
-def method_stats(runs: list[RunData], fine_tuned: bool = False) -> dict[str, Any]:
-    """A method's numbers over its seeds; `fine_tuned`: its "+ ft" row (summary.json's *_ft values)."""
+def method_stats(
+    runs: list[RunData], fine_tuned: bool = False, attacked: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """A method's numbers over its seeds; `fine_tuned`: its "+ ft" row (summary.json's *_ft values);
+    `attacked`: the nodes any variant poisons, left out of `mean_ppl_clean` (None when there are none)."""
     ft = "_ft" if fine_tuned else ""
     means = np.array([r.summary[f"mean_ppl{ft}"] for r in runs])
     nodes = list(runs[0].summary["nodes"])
+    clean = [n for n in nodes if n not in attacked]
+    clean_means = [np.mean([r.summary["nodes"][n][f"ppl{ft}"] for n in clean]) for r in runs]
     return {
         "mean_ppl": float(means.mean()),
+        "mean_ppl_clean": float(np.mean(clean_means)) if attacked and clean else None,
         "std_over_nodes": float(np.mean([r.summary[f"std_ppl{ft}"] for r in runs])),
         "std_over_seeds": float(means.std()),
         "val_ppl": float(np.mean([_val_mean(r.summary, f"val_ppl{ft}") for r in runs])),
@@ -140,7 +149,9 @@ def privacy_stats(runs: list[RunData]) -> dict[str, Any] | None:
     }
 
 
-def variant_stats(runs: dict[str, list[RunData]]) -> tuple[dict[str, dict[str, Any]], int | None]:
+def variant_stats(
+    runs: dict[str, list[RunData]], attacked: frozenset[str] = frozenset()
+) -> tuple[dict[str, dict[str, Any]], int | None]:
     """Per method (and "+ ft" row) its stats, and the equal-compute budget: the cheapest method's training tokens.
 
     Every method's validation perplexity is read off its compute curve at that budget (issue 14 item 5).
@@ -149,9 +160,9 @@ def variant_stats(runs: dict[str, list[RunData]]) -> tuple[dict[str, dict[str, A
     for m, rs in runs.items():
         if not rs:
             continue
-        stats[m] = method_stats(rs)
+        stats[m] = method_stats(rs, attacked=attacked)
         if all("mean_ppl_ft" in r.summary for r in rs):
-            stats[m + FT] = method_stats(rs, fine_tuned=True)
+            stats[m + FT] = method_stats(rs, fine_tuned=True, attacked=attacked)
     if REFERENCE in stats:
         for s in stats.values():
             s["ratio_to_worldlm"] = s["mean_ppl"] / stats[REFERENCE]["mean_ppl"]
@@ -199,6 +210,50 @@ def attention_data(runs: list[RunData]) -> tuple[np.ndarray, list[str], list[int
     last = max(int(a["round"]) for a in root)
     matrices = [np.mean(np.array(a["weights"]), axis=0) for a in root if int(a["round"]) == last]  # [L,M,M] -> [M,M]
     return self_weight, nodes, rounds, np.mean(matrices, axis=0), list(root[0]["members"])
+
+
+def _shares(event: dict[str, Any]) -> list[float]:
+    """Each child's share of its parent's attention (worldlm.child_shares), from the event's weights, so that
+    runs recorded before events carried `shares` read the same."""
+    w = np.array(event["weights"])[:, 0, 1:]  # [L, C]: the parent's own row without its self-weight
+    return list((w / np.maximum(w.sum(axis=1, keepdims=True), 1e-300)).mean(axis=0))
+
+
+def share_data(runs: list[RunData]) -> tuple[np.ndarray, list[str], list[int]]:
+    """Each child's share of its parent's attention per round (mean over key positions, sub-rounds and seeds):
+    rows "parent → child", columns rounds; uniform attention is 1/C (issue 15)."""
+    cells: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for a in (a for r in runs for a in r.attention if a["kind"] == "children" and len(a["members"]) > 2):
+        for member, share in zip(a["members"][1:], _shares(a), strict=True):
+            cells[(f"{a['node']} → {member}", int(a["round"]))].append(share)
+    rows = list(dict.fromkeys(edge for edge, _ in cells))
+    rounds = sorted({rnd for _, rnd in cells})
+    values = np.array([[np.mean(cells[(e, r)]) if cells[(e, r)] else np.nan for r in rounds] for e in rows])
+    return values, rows, rounds
+
+
+def attention_rows(runs: list[RunData]) -> list[dict[str, Any]]:
+    """Per parent → child edge: the child's share in the last round, its lowest share after the first round,
+    the uniform share 1/C, and the rounds it was reported an `outlier` (mean over seeds)."""
+    values, rows, _ = share_data(runs)
+    if not rows:
+        return []
+    later = values[:, 1:] if values.shape[1] > 1 else values
+    out = []
+    for i, edge in enumerate(rows):
+        parent, child = edge.split(" → ")
+        n_children = sum(1 for e in rows if e.split(" → ")[0] == parent)
+        flagged = [sum(1 for o in r.outliers if o["node"] == parent and o["member"] == child) for r in runs]
+        out.append(
+            {
+                "edge": edge,
+                "share_last": float(values[i, -1]),
+                "share_min": float(np.nanmin(later[i])),
+                "uniform": 1.0 / n_children,
+                "outlier_rounds": float(np.mean(flagged)),
+            }
+        )
+    return out
 
 
 def flow_data(runs: list[RunData]) -> tuple[np.ndarray, list[str], list[str]]:
@@ -256,7 +311,8 @@ def variant_plots(variant: str, runs: dict[str, list[RunData]], out_dir: Path, m
     wl = done.get(REFERENCE, [])
     if any(r.attention for r in wl):
         files["attention"] = folder / "attention.png"
-        plots.attention_heatmaps(*attention_data(wl), files["attention"], f"{variant}: WorldLM attention coefficients")
+        title = f"{variant}: WorldLM attention coefficients"
+        plots.attention_heatmaps(*attention_data(wl), *share_data(wl), files["attention"], title)
     if any(r.routes for r in wl):
         counts, origins, dests = flow_data(wl)
         files["residual_flows"] = folder / "residual_flows.png"
@@ -435,9 +491,40 @@ def _variant_md(name: str, v: dict[str, Any], n_seeds: int) -> list[str]:
         "val_ppl_compute": "validation perplexity against compute",
         "trace": "one round traced",
     }
+    lines += _clean_md(stats) + _attention_md(v.get("attention", []))
     for kind, path in v["plots"].items():
         lines += ["", f"![{captions[kind]}]({path})"]
     return [*lines, *_trace_md(v.get("trace", {})), ""]
+
+
+def _clean_md(stats: dict[str, dict[str, Any]]) -> list[str]:
+    """With poisoned nodes in the experiment: the mean over the nodes no variant attacks."""
+    clean = {m: s["mean_ppl_clean"] for m, s in stats.items() if s.get("mean_ppl_clean") is not None}
+    if not clean:
+        return []
+    cells = ", ".join(f"{m} **{_ppl(x)}**" for m, x in clean.items())
+    return ["", f"Mean test perplexity over the nodes that no variant attacks (mean over seeds): {cells}."]
+
+
+def _attention_md(rows: list[dict[str, Any]]) -> list[str]:
+    """WorldLM's attention at each parent: how far each child's share is from uniform (issue 15)."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        "WorldLM attention at each parent (mean over seeds): each child's share of its parent's own attention "
+        "over the children (self-weight left out, renormalised), in the last round and at its lowest after "
+        "round 1, against the uniform 1/C; *outlier rounds*: aggregations reported as an `outlier`.",
+        "",
+        "| parent → child | share, last round | lowest share | uniform | outlier rounds |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['edge']} | {r['share_last']:.3f} | {r['share_min']:.3f} | {r['uniform']:.3f} | "
+            f"{r['outlier_rounds']:.1f} |"
+        )
+    return lines
 
 
 def _trace_md(traces: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -535,11 +622,12 @@ def write_report(exp: Experiment, specs: list[RunSpec], out_dir: Path, command: 
     for r in complete:
         runs[(r.spec.variant, r.spec.method)].append(r)
     first_spec = {v: next(s for s in specs if s.variant == v) for v in exp.variants}
+    attacked = frozenset(n for s in specs for n in s.cfg.attack.nodes)
     mixtures = mixture_files(exp, first_spec, out_dir)
     variants = {}
     for v in exp.variants.values():
         by_method = {m: runs[(v.name, m)] for m in v.methods}
-        stats, budget = variant_stats(by_method)
+        stats, budget = variant_stats(by_method, attacked)
         traced = {m: trace_points(rs) for m, rs in by_method.items() if any(r.trace for r in rs)}
         variants[v.name] = {
             "description": v.description,
@@ -549,6 +637,7 @@ def write_report(exp: Experiment, specs: list[RunSpec], out_dir: Path, command: 
             "methods": stats,
             "equal_compute_tokens": budget,
             "trace": traced,
+            "attention": attention_rows(by_method.get(REFERENCE, [])),
             "plots": variant_plots(v.name, by_method, out_dir, mixtures[v.name]),
         }
     report: dict[str, Any] = {

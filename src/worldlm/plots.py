@@ -69,11 +69,16 @@ def attention_heatmaps(
     rounds: list[int],
     children: np.ndarray | None,
     members: list[str],
+    shares: np.ndarray,
+    edges: list[str],
+    share_rounds: list[int],
     path: Path,
     title: str,
 ) -> None:
-    """Left: λ_self of each node's parent step (A.3.3 step 2) per round. Right: the root's children λ (step 4.iv C)."""
-    fig, axes = _grid(1 if children is None else 2, 5.5, 0.5 * max(len(nodes), len(members)) + 2.0)
+    """λ_self of each node's parent step (A.3.3 step 2) per round; the root's children λ (step 4.iv C); and
+    each child's share of its parent's attention per round (issue 15: how far from uniform 1/C)."""
+    n_panels = 1 + (children is not None) + (len(edges) > 0)
+    fig, axes = _grid(n_panels, 5.5, 0.5 * max(len(nodes), len(members), len(edges)) + 2.0)
     _heatmap(axes[0], self_weight, nodes, [str(r + 1) for r in rounds], ".3f")
     axes[0].set_xlabel("round")
     axes[0].set_title("self weight λ_self with the parent (mean over key positions)", fontsize="medium")
@@ -82,6 +87,11 @@ def attention_heatmaps(
         axes[1].set_xlabel("aggregated member j")
         axes[1].set_ylabel("member c")
         axes[1].set_title("root over its children: λ_{c,j}, last round", fontsize="medium")
+    if edges:
+        ax = axes[-1]
+        _heatmap(ax, shares, edges, [str(r + 1) for r in share_rounds], ".2f")
+        ax.set_xlabel("round")
+        ax.set_title("each child's share of its parent's attention", fontsize="medium")
     fig.suptitle(title)
     _save(fig, path)
 

@@ -74,7 +74,11 @@ def mixture_weights(spans: list[Span]) -> np.ndarray:
 class BatchSampler:
     """Random windows from a node's spans; its whole position is the numpy RNG state (resumable)."""
 
-    def __init__(self, data: Prepared, spans: list[Span], seq_len: int, batch_size: int, seed: int) -> None:
+    def __init__(
+        self, data: Prepared, spans: list[Span], seq_len: int, batch_size: int, seed: int, noise_vocab: int = 0
+    ) -> None:
+        """noise_vocab > 0: every batch is uniformly random tokens in [0, noise_vocab) (a poisoned node)."""
+        self.noise_vocab = noise_vocab
         self.streams = [data.tokens(s.source, "train") for s in spans]
         self.spans = spans
         self.weights = mixture_weights(spans)
@@ -90,6 +94,9 @@ class BatchSampler:
 
     def next(self) -> tuple[Tensor, Tensor]:
         """One batch: inputs (B, T) and next-token targets (B, T), int64."""
+        if self.noise_vocab:
+            noise = torch.from_numpy(self.rng.integers(0, self.noise_vocab, (self.batch_size, self.seq_len + 1)))
+            return noise[:, :-1], noise[:, 1:]
         picks = self.rng.choice(len(self.spans), size=self.batch_size, p=self.weights)
         rows = []
         for k in picks:

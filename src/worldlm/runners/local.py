@@ -39,6 +39,7 @@ from worldlm.runners.planning import (
     stages_per_round,
     steps_per_round,
     train_tokens,
+    update_scale,
 )
 from worldlm.runners.records import (
     all_diverged,
@@ -111,7 +112,9 @@ class LocalRun:
                 fed.states[name] = NodeState(params=init.clone(), server_opt=server_opt_for(self.cfg, fed, name))
                 fed.states.release(name)
                 if node.trains:
-                    self.trainer.add_node(name, node_sampler(self.cfg, self.data, fed, name))
+                    self.trainer.add_node(
+                        name, node_sampler(self.cfg, self.data, fed, name), update_scale(self.cfg, name)
+                    )
 
     # ------------------------------------------------------------------ observability
 

@@ -181,8 +181,16 @@ def node_seed(seed: int, name: str) -> int:
 
 
 def node_sampler(cfg: C.Config, data: Prepared, fed: Federation, name: str) -> BatchSampler:
-    """A training node's batches: its shards, seeded by the run seed and its name (the same in every runner)."""
-    return BatchSampler(data, fed.spans[name], cfg.model.seq_len, cfg.train.batch_size, node_seed(cfg.seed, name))
+    """A training node's batches: its shards, seeded by the run seed and its name (the same in every runner);
+    random tokens for a node under attack.kind = "random_tokens"."""
+    noise = data.vocab_size if C.attacked(cfg, name, "random_tokens") else 0
+    seed = node_seed(cfg.seed, name)
+    return BatchSampler(data, fed.spans[name], cfg.model.seq_len, cfg.train.batch_size, seed, noise)
+
+
+def update_scale(cfg: C.Config, name: str) -> float:
+    """What a node's local training change is multiplied by: attack.scale under "scaled_update", else 1."""
+    return cfg.attack.scale if C.attacked(cfg, name, "scaled_update") else 1.0
 
 
 @dataclass

@@ -40,12 +40,15 @@ class LocalTrainer:
         self.offload = offload
         self.phase = phase
         self.samplers: dict[str, BatchSampler] = {}
+        self.scales: dict[str, float] = {}
         self.opts: dict[str, torch.optim.Optimizer] = {}
         self.on_train: Callable[[str, int, int, TrainStats], None] = lambda *_: None
         self.on_step: Callable[[str, int, float], None] = lambda *_: None
 
-    def add_node(self, name: str, sampler: BatchSampler) -> None:
+    def add_node(self, name: str, sampler: BatchSampler, update_scale: float = 1.0) -> None:
+        """`update_scale` != 1: the node's training change is scaled before it is returned (attack.scale)."""
         self.samplers[name] = sampler
+        self.scales[name] = update_scale
         # Each node's AdamW holds its own moments for the shared working parameters (ClientOpt state).
         self.opts[name] = make_client_opt(self.model, self.client)
 
@@ -90,4 +93,6 @@ class LocalTrainer:
                 opt.state.clear()
         self.on_train(node, start_step, n_steps, stats)
         with self.phase("serialisation"):
-            return self.layout.flatten(self.model)
+            trained = self.layout.flatten(self.model)
+        scale = self.scales.get(node, 1.0)
+        return trained if scale == 1.0 else params + scale * (trained - params)

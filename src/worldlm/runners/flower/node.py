@@ -55,7 +55,7 @@ from worldlm.io import atomic_write_bytes
 from worldlm.runners.checkpoint import Part
 from worldlm.runners.flower import wire
 from worldlm.runners.node_state import adam_part, encode_state, load_adam, load_state
-from worldlm.runners.planning import Federation, node_sampler, server_opt_for, set_up, tree_from_config
+from worldlm.runners.planning import Federation, node_sampler, server_opt_for, set_up, tree_from_config, update_scale
 from worldlm.runners.records import train_record
 from worldlm.runners.trainer import LocalTrainer
 from worldlm.train import TrainStats
@@ -163,7 +163,7 @@ class NodeSide:
                 h.child_keys = {c: fed.split.keys(self.init).clone() for c in node.children}
             self.hosted[name] = h
             if node.trains:
-                self.trainer.add_node(name, node_sampler(self.cfg, self.data, fed, name))
+                self.trainer.add_node(name, node_sampler(self.cfg, self.data, fed, name), update_scale(self.cfg, name))
 
     def dump(self) -> bytes:
         """All private state as one safetensors blob: each hosted node's state and AdamW moments as the
