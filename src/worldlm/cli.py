@@ -188,6 +188,38 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from worldlm.hub import export_hf, run_nodes
+
+    run = Path(args.run)
+    if args.all == bool(args.node):
+        raise WorldLMError("export needs --node NAME or --all (every node), not both")
+    nodes = run_nodes(run) if args.all else [args.node]
+    out = Path(args.out)
+    for node in nodes:  # with --all: one model directory per node under --out
+        written = export_hf(run, node, out / node if args.all else out, force=args.force)
+        if not args.quiet:
+            print(f"{node}: {written}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from worldlm.hub import generate, load_node_model
+
+    nodes = [n for n in args.node.split(",") if n]
+    for node in nodes:  # several nodes: the same prompt and settings, one block each
+        text = generate(
+            load_node_model(Path(args.run), node),
+            args.prompt,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_k,
+            args.seed,
+        )
+        print(f"--- {node}: {args.prompt}{text}" if len(nodes) > 1 else text)
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from worldlm.bench import run_bench
     from worldlm.report import console
@@ -245,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="Flower runners: a node that does not answer a message within this is left out of that round",
     )
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events (log.tensorboard)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser(
@@ -274,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="restart a SuperNode that exits during the run (it rejoins at the next round)",
     )
     p.add_argument("--keep-state", action="store_true", help="keep the nodes' private state files (<out>/flower/state)")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events (log.tensorboard)")
     p.set_defaults(func=_deploy_local)
 
     p = sub.add_parser("flower-app", help="write the Flower app and run config for a multi-host deployment")
@@ -289,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="worldlm,fl", help="comma-separated methods (default: worldlm,fl)")
     p.add_argument("--out", help="directory for the runs and the comparison (default: runs/<name>)")
     p.add_argument("--force", action="store_true", help="overwrite an existing directory")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events (log.tensorboard)")
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("experiment", help="run a grid of methods × seeds × variants; writes results/<name>/report.md")
@@ -300,7 +335,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", metavar="A,B", help="train only these variants (the report covers every run)")
     p.add_argument("--seeds", metavar="0,1", help="train only these seeds (the report covers every run)")
     p.add_argument("--methods", metavar="A,B", help="train only these methods (the report covers every run)")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events (log.tensorboard)")
     p.set_defaults(func=_experiment)
+
+    p = sub.add_parser("export", help="write a run's node model as a Hugging Face Transformers (GPT-2) directory")
+    p.add_argument("run", help="run directory (runs/<name>, or a compare/experiment run's directory)")
+    p.add_argument("--node", help="the tree node whose model to export")
+    p.add_argument("--all", action="store_true", help="export every node's model, each to OUT/<node>")
+    p.add_argument("--out", required=True, help="model directory (with --all: their parent)")
+    p.add_argument("--force", action="store_true", help="replace an existing directory")
+    p.add_argument("--quiet", action="store_true", help="no output")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("generate", help="continue a prompt with a node's final model")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--node", required=True, help="the tree node whose model writes (several: fr,it,uk)")
+    p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.set_defaults(func=_generate)
 
     p = sub.add_parser(
         "bench",
@@ -319,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     args = build_parser().parse_args(argv)
+    if getattr(args, "tensorboard", False):
+        args.set.append("log.tensorboard=true")
     try:
         return int(args.func(args))
     except WorldLMError as exc:

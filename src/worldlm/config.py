@@ -32,6 +32,7 @@ FL_ROUNDS = ("stage", "global")
 SERVER_OPTS = ("fedavg", "fedavgm", "nesterov", "fedadam")
 SIMILARITY_ON = ("all", "matrices")
 ATTACKS = ("random_tokens", "scaled_update")
+SOURCE_FORMATS = ("text", "lines", "jsonl", "parquet", "hf")
 
 
 @dataclass
@@ -39,7 +40,7 @@ class SourceConfig:
     """A user's own text source, prepared by `worldlm prepare CONFIG`."""
 
     path: str = ""
-    format: str = "text"  # text | jsonl | parquet
+    format: str = "text"  # text | lines | jsonl | parquet | hf (see data/sources.py)
     field: str = "text"  # JSONL field / Parquet column holding the text
 
 
@@ -182,6 +183,13 @@ class AttackConfig:
 
 
 @dataclass
+class LogConfig:
+    # Also write metrics.jsonl as TensorBoard event files under runs/<name>/tensorboard/ (needs the
+    # tensorboard package: pip install 'worldlm[tensorboard]'); --tensorboard on train/compare/experiment.
+    tensorboard: bool = False
+
+
+@dataclass
 class NodeConfig:
     name: str = ""
     parent: str = ""  # empty: the root
@@ -208,6 +216,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     tree: TreeConfig = field(default_factory=TreeConfig)
 
 
@@ -407,8 +416,8 @@ def validate(cfg: Config) -> None:
     )
     for src_name, src in d.sources.items():
         _check(
-            src.format in ("text", "jsonl", "parquet"),
-            f"data.sources.{src_name}.format must be text, jsonl or parquet",
+            src.format in SOURCE_FORMATS,
+            f"data.sources.{src_name}.format must be one of {', '.join(SOURCE_FORMATS)}",
         )
         _check(bool(src.path), f"data.sources.{src_name}.path is empty; give the file or folder holding its text")
     _check(
@@ -535,11 +544,14 @@ ADDED_KEYS: dict[tuple[str, str], Any] = {
     ("attack", "nodes"): [],
     ("attack", "kind"): "random_tokens",
     ("attack", "scale"): -10.0,
+    ("log", "tensorboard"): False,
 }
 
 
 def same_config(path: Path, cfg: Config) -> bool:
-    """A run directory's config.toml is `cfg` resolved (resume and experiment skip checks); see ADDED_KEYS."""
+    """A run directory's config.toml is `cfg` resolved (resume and experiment skip checks); see ADDED_KEYS.
+
+    The [log] table (how a run is watched, not what it computes) is left out of the comparison."""
     if not path.is_file():
         return False
     try:
@@ -549,4 +561,7 @@ def same_config(path: Path, cfg: Config) -> bool:
     for (table, key), value in ADDED_KEYS.items():
         if isinstance(saved.setdefault(table, {}), dict):  # a table added later is absent altogether
             saved[table].setdefault(key, value)
-    return saved == tomllib.loads(dumps(cfg))
+    wanted = tomllib.loads(dumps(cfg))
+    saved.pop("log", None)
+    wanted.pop("log", None)
+    return saved == wanted

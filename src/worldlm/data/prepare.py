@@ -264,7 +264,8 @@ def split_documents(
     if len(docs) < len(SPLITS):
         raise DataError(
             f"source '{source}' has {len(docs)} non-empty document(s); train, val and test each need one: "
-            "add text (documents are separated by blank lines in a text file)"
+            "add text (a text file splits into documents at blank lines; for one document per line use "
+            'format = "lines")'
         )
     random.Random(seed).shuffle(docs)
     total = _chars(docs)

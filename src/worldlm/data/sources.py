@@ -1,12 +1,17 @@
-"""Users' own text: plain text, JSONL or Parquet, as one file or a folder of files.
+"""Users' own text: plain text, one document per line, JSONL, Parquet or a Hugging Face dataset.
 
 What a *document* is (documents are the unit of the train/val/test split and are separated by
 `<|endoftext|>` in the token streams):
 - a plain-text **file**: blocks separated by one or more blank lines (one paragraph or article
   each), so a single large file can still be split into train/val/test;
 - a **folder** of plain-text files: each file is one document;
+- `lines`: every non-blank line of the file (or of each file in a folder) is one document, the
+  common layout of line-per-document corpora;
 - JSONL: each line is a JSON object; its `field` (a string) is one document;
-- Parquet: each non-null value of the `field` column is one document.
+- Parquet: each non-null value of the `field` column is one document;
+- `hf`: a dataset saved with Hugging Face `datasets` (a `save_to_disk` folder, every split in name
+  order), or local `.arrow` / `.parquet` files of one; each value of its `field` is one document,
+  read offline.
 
 A folder is read recursively in sorted path order (so the order never depends on the file
 system), skipping hidden entries and symbolic links (a link may point outside the corpus or make
@@ -28,9 +33,10 @@ import pyarrow.parquet as pq
 
 from worldlm.errors import DataError
 
-Format = Literal["text", "jsonl", "parquet"]
+Format = Literal["text", "lines", "jsonl", "parquet", "hf"]
 FORMATS: tuple[str, ...] = get_args(Format)
 _FOLDER_SUFFIX = {"jsonl": ".jsonl", "parquet": ".parquet"}
+_HF_SUFFIXES = (".arrow", ".parquet")
 _BLANK_LINES = re.compile(r"\n[^\S\n]*\n\s*")
 
 
@@ -74,10 +80,15 @@ def _walk_sorted(root: Path, suffix: str) -> list[Path]:
 
 def read_documents(spec: SourceSpec) -> Iterator[str]:
     """Yield the source's non-blank documents in a stable order (see the module docstring)."""
+    if spec.format == "hf":
+        yield from _read_hf(Path(spec.path).expanduser(), spec.field)
+        return
     files = source_files(spec)
     is_folder = Path(spec.path).expanduser().is_dir()
     for path in files:
-        if spec.format == "jsonl":
+        if spec.format == "lines":
+            yield from (line.strip() for line in _read_text(path).splitlines() if line.strip())
+        elif spec.format == "jsonl":
             yield from _read_jsonl(path, spec.field)
         elif spec.format == "parquet":
             yield from _read_parquet(path, spec.field)
@@ -137,3 +148,50 @@ def _read_parquet(path: Path, field: str) -> Iterator[str]:
         for value in batch.column(0).to_pylist():
             if value is not None and value.strip():
                 yield value.strip()
+
+
+def _read_hf(root: Path, field: str) -> Iterator[str]:
+    """A Hugging Face dataset on disk: a `save_to_disk` folder, or `.arrow` / `.parquet` files (offline)."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise DataError("format 'hf' needs Hugging Face datasets: pip install 'worldlm[hf]'") from exc
+    if not root.exists():
+        raise DataError(f"source path {root} does not exist; fix the path or save the dataset there")
+    if root.is_dir() and ((root / "state.json").is_file() or (root / "dataset_dict.json").is_file()):
+        try:
+            loaded = datasets.load_from_disk(str(root))
+        except Exception as exc:  # datasets raises many kinds for a damaged folder
+            raise DataError(f"cannot load the Hugging Face dataset in {root} ({exc}); save it again") from exc
+        parts = [loaded[k] for k in sorted(loaded)] if isinstance(loaded, datasets.DatasetDict) else [loaded]
+        for part in parts:
+            yield from _hf_column(part, field, root)
+        return
+    files = [root] if root.is_file() else [p for p in _walk_sorted(root, "") if p.suffix in _HF_SUFFIXES]
+    if not files or any(p.suffix not in _HF_SUFFIXES for p in files):
+        raise DataError(
+            f"{root} is neither a `save_to_disk` dataset folder nor .arrow/.parquet files; save it with "
+            "Dataset.save_to_disk or point at its .arrow/.parquet files"
+        )
+    for path in files:
+        if path.suffix == ".parquet":
+            yield from _read_parquet(path, field)
+            continue
+        try:
+            part = datasets.Dataset.from_file(str(path))
+        except Exception as exc:
+            raise DataError(f"cannot read {path} as a Hugging Face Arrow file ({exc})") from exc
+        yield from _hf_column(part, field, path)
+
+
+def _hf_column(part: object, field: str, where: Path) -> Iterator[str]:
+    names = list(getattr(part, "column_names", []))
+    if field not in names:
+        raise DataError(
+            f"{where}: no column '{field}' (found: {', '.join(names)}); set the source's field to the text column"
+        )
+    for value in part[field]:  # type: ignore[index]
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"{where}: column '{field}' holds {type(value).__name__}, expected strings")
+        if value is not None and value.strip():
+            yield value.strip()

@@ -51,6 +51,7 @@ from worldlm.runners.records import (
 )
 from worldlm.runners.resume import Interrupted, drop_rounds_from, graceful_stop, truncate_lines
 from worldlm.runners.trainer import LocalTrainer
+from worldlm.tensorboard import metrics_writer
 from worldlm.timing import PhaseTimer, round_record
 from worldlm.train import TrainStats
 
@@ -286,7 +287,7 @@ class LocalRun:
             atomic_write_text(self.out / "config.toml", C.dumps(self.cfg))
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
             (self.out / "timing.jsonl").unlink(missing_ok=True)
-        self.metrics = JsonlWriter(self.out / "metrics.jsonl")
+        self.metrics = metrics_writer(self.out / "metrics.jsonl", self.cfg.log.tensorboard)
         timing = JsonlWriter(self.out / "timing.jsonl")
         self.progress(
             {

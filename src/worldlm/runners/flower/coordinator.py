@@ -48,6 +48,7 @@ from worldlm.runners.planning import (
     tree_from_config,
 )
 from worldlm.runners.records import all_diverged, diverged_message, eval_record, run_summary
+from worldlm.tensorboard import metrics_writer
 
 ProgressFn = Callable[[dict[str, Any]], None]
 LogFn = Callable[[str], None]
@@ -458,7 +459,7 @@ class Coordinator:
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out / "config.toml", C.dumps(cfg))
         (self.out / "metrics.jsonl").unlink(missing_ok=True)
-        self.metrics = JsonlWriter(self.out / "metrics.jsonl")
+        self.metrics = metrics_writer(self.out / "metrics.jsonl", cfg.log.tensorboard)
         try:
             names = list(self.tree.order)
             self.log(f"waiting for {len(names)} tree nodes to connect: {', '.join(names)}")
