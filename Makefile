@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/worldlm prepare configs/demo.toml
 	$(BIN)/worldlm compare configs/demo.toml --methods worldlm,fl --out runs/demo --force
+	@echo "What each leaf's WorldLM model writes (sampled: T 0.8, top-k 40, seed 0; greedy only repeats at this size):"
+	$(BIN)/worldlm generate runs/demo/worldlm --node fr,it,uk,ru --max-new-tokens 32 --temperature 0.8 --top-k 40
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

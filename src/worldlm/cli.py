@@ -207,7 +207,7 @@ def _generate(args: argparse.Namespace) -> int:
     from worldlm.hub import generate, load_node_model
 
     nodes = [n for n in args.node.split(",") if n]
-    for node in nodes:  # several nodes: the same prompt and settings, one block each
+    for node in nodes:  # several nodes: the same prompt and settings, one line each (⏎ marks a newline)
         text = generate(
             load_node_model(Path(args.run), node),
             args.prompt,
@@ -216,7 +216,7 @@ def _generate(args: argparse.Namespace) -> int:
             args.top_k,
             args.seed,
         )
-        print(f"--- {node}: {args.prompt}{text}" if len(nodes) > 1 else text)
+        print(f"--- {node}: {args.prompt}{text}".replace("\n", " ⏎ ") if len(nodes) > 1 else text)
     return 0
 
 
