@@ -15,8 +15,12 @@ from worldlm.federation.tree import Tree, flat_tree
 from worldlm.federation.worldlm import (
     FedOptions,
     NodeState,
+    Residual,
     Split,
+    Update,
     deployed_models,
+    initial_child_keys,
+    route_pending,
     run_round,
     sequential_span,
     trainings_per_round,
@@ -271,3 +275,41 @@ def test_sub_rounds_repeat_subtrees_on_one_clock() -> None:
     # residuals picked by a region in both of its sub-rounds reach the root
     region_picks = [e for e in events if e["event"] == "residual_pick" and e["node"] in ("A", "B")]
     assert len(region_picks) == 2 * 2 * 2  # 2 regions x 2 root sub-rounds x 2 own sub-rounds (nu=1, L=1)
+
+
+def test_a_parent_routes_with_the_keys_it_received_not_the_childs_own_state() -> None:
+    # issue 16 item 1: a DP child's release (here: its keys shifted) is all its parent may use, for routing too
+    size, n_pos, d = 4, 2, 5
+    split = Split(size, n_pos, d)
+    init = torch.linspace(-1, 1, size + n_pos * d, dtype=torch.float64)
+    opt = ServerOptConfig(kind="fedavg")
+    states = {n: NodeState(init.clone(), make_server_opt(opt) if TREE[n].children else None) for n in TREE.order}
+    for n in TREE.order:
+        initial_child_keys(states[n], list(TREE[n].children), split, FedOptions(local_steps={}))
+    shift = torch.arange(n_pos * d, dtype=torch.float64).view(n_pos, d)
+
+    class ShiftKeys:
+        def applies(self, node: str) -> bool:
+            return node == "a1"
+
+        def release(self, node: str, update: Update, received: torch.Tensor, split: Split, share_keys: bool) -> Update:
+            sent = update.params.clone()
+            split.keys(sent).add_(shift)
+            return Update(sent, update.residuals)
+
+    opts = FedOptions(local_steps={n: 1 for n in TREE.order}, nu=1)
+    events: list[dict[str, object]] = []
+    trainer = FakeTrainer(size + n_pos * d, scale=1.0)
+    for rnd in range(2):
+        run_round(TREE, states, split, opts, rnd, trainer, events.append, privacy=ShiftKeys())
+    # what A holds of a1 is a1's release (its sent state, keys shifted), never a1's own state
+    torch.testing.assert_close(states["A"].child_keys["a1"], split.keys(states["a1"].params) + shift)
+    torch.testing.assert_close(states["A"].child_keys["a2"], split.keys(states["a2"].params))
+    assert any(e["event"] == "residual_route" and e["node"] == "A" for e in events)
+    # and routing reads those keys: a residual goes where the received keys point, whatever the states say
+    st = NodeState(init.clone(), make_server_opt(opt))
+    near_a2 = torch.ones(d, dtype=torch.float64)
+    st.child_keys = {"a1": -torch.ones(n_pos, d, dtype=torch.float64), "a2": torch.ones(n_pos, d, dtype=torch.float64)}
+    st.to_route = [Residual(near_a2, 0, "b1")]
+    ((_, dest, sim),) = route_pending(st, ["a1", "a2"], TREE, split, opts)
+    assert dest == "a2" and sim == pytest.approx(1.0)

@@ -77,6 +77,9 @@ class NodeState:
     reference: Tensor | None = None
     # inner nodes: consecutive aggregations in which each child's weight here was under the outlier threshold
     low_rounds: dict[str, int] = field(default_factory=dict)
+    # inner nodes: each child's key layers [L, D] as last received (its DP release for a DP child): what
+    # routing reads (A.3.7); a parent never looks at a child's own state
+    child_keys: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -283,18 +286,27 @@ def start_visit(st: NodeState, split: Split, opts: FedOptions) -> None:
         st.reference = split.keys(st.params).clone()
 
 
-def route_pending(
-    st: NodeState, children: list[str], child_keys: list[Tensor], tree: Tree, split: Split, opts: FedOptions
-) -> list[tuple[Residual, str | None, float]]:
-    """Steps 4.ii–iii at an inner node: route its D_r by the children's latest key layers ([L, D] each).
+def initial_child_keys(st: NodeState, children: list[str], split: Split, opts: FedOptions) -> None:
+    """Before round 0 every child holds the initial model: what its parent knows of its key layers."""
+    if _uses_keys(split, opts):
+        st.child_keys = {c: split.keys(st.params).clone() for c in children}
 
-    Empties D_r; returns (residual, destination child or None, cosine similarity) per residual.
+
+def route_pending(
+    st: NodeState, children: list[str], tree: Tree, split: Split, opts: FedOptions
+) -> list[tuple[Residual, str | None, float]]:
+    """Steps 4.ii–iii at an inner node: route its D_r by the children's key layers as it last received them
+    (`NodeState.child_keys`; for DP children their releases), never by the children's own states.
+
+    Empties D_r; returns (residual, destination child or None, similarity) per residual.
     """
     pending, st.to_route = st.to_route, []
     if not pending or not _uses_keys(split, opts):
         return []
     sent = split.keys(st.params) if opts.similarity.kind == "updates" else None  # the model the children get next
-    dest, sims = route_by_keys(pending, children, torch.stack(child_keys), tree, opts, sent)
+    own = split.keys(st.params)  # a child never heard from (no update yet) is taken to hold what q holds
+    keys = torch.stack([st.child_keys.get(c, own) for c in children])
+    dest, sims = route_by_keys(pending, children, keys, tree, opts, sent)
     return [(r, children[d] if d >= 0 else None, s) for r, d, s in zip(pending, dest, sims, strict=True)]
 
 
@@ -319,6 +331,9 @@ def aggregate_step(
     st.params, picked, weights = aggregate_subtree(
         st.params, updates, senders, st.server_opt, split, opts, own, st.reference
     )
+    if _uses_keys(split, opts):  # what q now knows of its children's key layers (routing's next input)
+        for child, u in zip(senders, updates, strict=True):
+            st.child_keys[child] = split.keys(u.params).clone()
     outliers: list[tuple[str, float, int]] = []
     if weights is not None and opts.outlier_weight > 0:
         shares = child_shares(weights).mean(dim=0).tolist()  # each child's share of q's attention
@@ -540,9 +555,7 @@ def run_round(
 
     def _route_down(q: str, st: NodeState, children: list[str], rnd: int) -> dict[str, list[Residual]]:
         routed: dict[str, list[Residual]] = {}  # the children queue them when the parent's model arrives
-        # Children's key layers only when there is something to route: a lookup may load a state from disk.
-        keys = [split.keys(states[c].params) for c in children] if st.to_route and _uses_keys(split, opts) else []
-        for r, target, sim in route_pending(st, children, keys, tree, split, opts):
+        for r, target, sim in route_pending(st, children, tree, split, opts):
             emit(route_event(rnd, q, r, target, sim))
             if target is not None:
                 routed.setdefault(target, []).append(r)

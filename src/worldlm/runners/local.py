@@ -26,11 +26,12 @@ from worldlm.data.prepared import load_prepared
 from worldlm.errors import WorldLMError
 from worldlm.evaluate import evaluate
 from worldlm.federation.privacy import Privacy
-from worldlm.federation.worldlm import NodeState, run_round
+from worldlm.federation.worldlm import run_round
 from worldlm.io import JsonlWriter, atomic_write_bytes, atomic_write_json, atomic_write_text
 from worldlm.runners.checkpoint import CannotResume, Part, Snapshot, load_latest, save_checkpoint
 from worldlm.runners.node_state import DiskStates, NodeStates, encode_state, load_state
 from worldlm.runners.planning import (
+    initial_state,
     make_privacy,
     node_sampler,
     personal_models,
@@ -110,7 +111,7 @@ class LocalRun:
             for name in fed.tree.order:
                 node = fed.tree[name]
                 self.level[name] = node.level
-                fed.states[name] = NodeState(params=init.clone(), server_opt=server_opt_for(self.cfg, fed, name))
+                fed.states[name] = initial_state(self.cfg, fed, name, init)
                 fed.states.release(name)
                 if node.trains:
                     self.trainer.add_node(

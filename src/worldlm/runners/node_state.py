@@ -26,7 +26,7 @@ QUEUES = ("to_aggregate", "to_route")
 
 def encode_state(st: NodeState) -> Part:
     """A node's federation state as tensors (parameters, server-optimizer state, residual queues, the
-    similarity reference) and metadata (residual origins, outlier counts)."""
+    similarity reference, the children's key layers as received) and metadata (residual origins, outlier counts)."""
     tensors = {"params": st.params}
     if st.server_opt is not None:
         tensors.update({f"server/{k}": v for k, v in st.server_opt.state_dict().items()})
@@ -39,6 +39,8 @@ def encode_state(st: NodeState) -> Part:
         tensors["reference"] = st.reference
     if st.low_rounds:
         meta["low_rounds"] = st.low_rounds
+    tensors.update({f"child_keys/{j}": k for j, k in enumerate(st.child_keys.values())})
+    meta["child_keys"] = list(st.child_keys)  # by index: node names may hold any character
     return Part(tensors, meta)
 
 
@@ -53,6 +55,7 @@ def load_state(st: NodeState, part: Part) -> None:
         setattr(st, qname, queue)
     st.reference = t.get("reference")
     st.low_rounds = {str(k): int(v) for k, v in part.meta.get("low_rounds", {}).items()}
+    st.child_keys = {str(c): t[f"child_keys/{j}"] for j, c in enumerate(part.meta.get("child_keys", []))}
 
 
 def adam_part(opt: torch.optim.Optimizer) -> Part:

@@ -23,7 +23,15 @@ from worldlm.federation.aggregation import Similarity
 from worldlm.federation.privacy import DPSettings, Privacy
 from worldlm.federation.server_opt import ServerOpt, ServerOptConfig, make_server_opt
 from worldlm.federation.tree import NodeSpec, Tree, TreeNode, build_tree, flat_tree
-from worldlm.federation.worldlm import FedOptions, Split, deployed_models, sequential_span, trainings_per_round
+from worldlm.federation.worldlm import (
+    FedOptions,
+    NodeState,
+    Split,
+    deployed_models,
+    initial_child_keys,
+    sequential_span,
+    trainings_per_round,
+)
 from worldlm.model import GPT, ParamLayout, gpt_config
 from worldlm.runners.node_state import MemoryStates, NodeStates
 from worldlm.train import ClientOptConfig, Schedule
@@ -173,6 +181,14 @@ def personal_models(fed: Federation, which: str) -> Iterator[tuple[str, Tensor]]
     for name in fed.tree.order:
         with fed.states.use(name) as st:
             yield name, st.params
+
+
+def initial_state(cfg: C.Config, fed: Federation, name: str, init: Tensor) -> NodeState:
+    """A node's federation state before round 0 (every runner): the initial model, its server optimizer,
+    and, on an inner node, its children's key layers as it knows them (the initial model's)."""
+    st = NodeState(params=init.clone(), server_opt=server_opt_for(cfg, fed, name))
+    initial_child_keys(st, list(fed.tree[name].children), fed.split, fed.opts)
+    return st
 
 
 def node_seed(seed: int, name: str) -> int:

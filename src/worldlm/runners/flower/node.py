@@ -55,7 +55,15 @@ from worldlm.io import atomic_write_bytes
 from worldlm.runners.checkpoint import Part
 from worldlm.runners.flower import wire
 from worldlm.runners.node_state import adam_part, encode_state, load_adam, load_state
-from worldlm.runners.planning import Federation, node_sampler, server_opt_for, set_up, tree_from_config, update_scale
+from worldlm.runners.planning import (
+    Federation,
+    initial_state,
+    node_sampler,
+    server_opt_for,
+    set_up,
+    tree_from_config,
+    update_scale,
+)
 from worldlm.runners.records import train_record
 from worldlm.runners.trainer import LocalTrainer
 from worldlm.train import TrainStats
@@ -108,7 +116,6 @@ class Hosted:
     name: str
     state: NodeState
     outbox: list[Residual] = field(default_factory=list)  # residuals for the parent, over this visit's sub-rounds
-    child_keys: dict[str, Tensor] = field(default_factory=dict)  # children's key layers as last received [L, D]
 
 
 class NodeSide:
@@ -157,28 +164,22 @@ class NodeSide:
         self.hosted: dict[str, Hosted] = {}
         for name, fed in self.engine.items():
             node = fed.tree[name]
-            st = NodeState(params=self.init.clone(), server_opt=server_opt_for(self.cfg, fed, name))
-            h = Hosted(fed, name, st)
-            if node.children and fed.split.key_blocks:  # round 0: the children hold the initial model
-                h.child_keys = {c: fed.split.keys(self.init).clone() for c in node.children}
-            self.hosted[name] = h
+            self.hosted[name] = Hosted(fed, name, initial_state(self.cfg, fed, name, self.init))
             if node.trains:
                 self.trainer.add_node(name, node_sampler(self.cfg, self.data, fed, name), update_scale(self.cfg, name))
 
     def dump(self) -> bytes:
         """All private state as one safetensors blob: each hosted node's state and AdamW moments as the
         in-process runner checkpoints them (`encode_state`, `adam_part`), plus what only a Flower node
-        keeps (its outbox of residuals for the parent, its children's last key layers, sampler positions)."""
+        keeps (its outbox of residuals for the parent, sampler positions)."""
         tensors: dict[str, Tensor] = {}
-        meta: dict[str, Any] = {"states": {}, "outbox": {}, "children": {}}
+        meta: dict[str, Any] = {"states": {}, "outbox": {}}
         for name, h in self.hosted.items():
             part = encode_state(h.state)
             tensors.update({f"{name}/state/{k}": v for k, v in part.tensors.items()})
             meta["states"][name] = part.meta
             tensors.update({f"{name}/outbox/{j}": r.vector for j, r in enumerate(h.outbox)})
             meta["outbox"][name] = [[r.position, r.origin] for r in h.outbox]
-            tensors.update({f"{name}/child_keys/{c}": k for c, k in h.child_keys.items()})
-            meta["children"][name] = list(h.child_keys)
         for name, opt in self.trainer.opts.items():
             tensors.update({f"adam/{name}/{k}": v for k, v in adam_part(opt).tensors.items()})
         meta["samplers"] = {name: s.state() for name, s in self.trainer.samplers.items()}
@@ -206,7 +207,6 @@ class NodeSide:
             load_state(h.state, Part(prefixed(f"{name}/state/"), meta["states"][name]))
             outbox = meta["outbox"][name]
             h.outbox = [Residual(t[f"{name}/outbox/{j}"], int(pos), str(o)) for j, (pos, o) in enumerate(outbox)]
-            h.child_keys = {c: t[f"{name}/child_keys/{c}"] for c in meta["children"][name]}
         for name, opt in self.trainer.opts.items():
             load_adam(opt, Part(prefixed(f"adam/{name}/"), {}))
         for name, sampler in self.trainer.samplers.items():
@@ -261,8 +261,7 @@ class NodeSide:
         if not children:  # a leaf's visit ends here: its update goes up
             reply["update"] = wire.model_record(h.state.params, split, opts)
         else:
-            known = [h.child_keys[ch] for ch in children] if h.child_keys else []  # none without shared keys
-            routes = route_pending(h.state, children, known, tree, split, opts)
+            routes = route_pending(h.state, children, tree, split, opts)
             routed_to: dict[str, list[Residual]] = {}
             for r, target, sim in routes:
                 log.append(route_event(rnd, node, r, target, sim))
@@ -298,9 +297,6 @@ class NodeSide:
             log.extend(outlier_event(rnd, node, ch, w, n, opts, len(senders)) for ch, w, n in outliers)
             log.extend(pick_event(rnd, node, r) for r in picked)
             h.outbox.extend(up)
-            if split.key_blocks and opts.share_keys:  # what this node now knows of its children's key layers
-                for s, u in zip(senders, updates, strict=True):
-                    h.child_keys[s] = split.keys(u.params).clone()
         reply = RecordDict({"log": wire.json_record(log)})
         if bool(c["final"]) and not is_root:  # the end of this visit: the update and the gathered residuals go up
             reply["update"] = wire.model_record(h.state.params, split, opts)
