@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import tomllib
 import types
 import typing
@@ -33,6 +34,7 @@ SERVER_OPTS = ("fedavg", "fedavgm", "nesterov", "fedadam")
 SIMILARITY_ON = ("all", "matrices")
 ATTACKS = ("random_tokens", "scaled_update")
 SOURCE_FORMATS = ("text", "lines", "jsonl", "parquet", "hf")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -78,6 +80,15 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     threads: int = 0  # torch intra-op threads; 0: all cores
+    # Where and how to compute (issue 18). device: auto (CUDA when present, else CPU) | cpu | cuda | cuda:N.
+    # precision: auto (bf16 autocast on CUDA devices that support it, fp32 elsewhere) | fp32 | bf16 (autocast:
+    # weights, gradients and optimizer state stay fp32). grad_accum: micro-batches of batch_size / grad_accum
+    # sequences per step. compile: torch.compile the model (bitwise equality across runners and resumes is
+    # then not promised).
+    device: str = "auto"
+    precision: str = "auto"
+    grad_accum: int = 1
+    compile: bool = False
 
 
 @dataclass
@@ -369,6 +380,15 @@ def validate(cfg: Config) -> None:
     _check(t.grad_clip >= 0 and t.weight_decay >= 0, "train.grad_clip and train.weight_decay must be >= 0")
     _check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1/beta2 must be in [0, 1)")
     _check(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
+    _check(
+        re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
+        f"train.device '{t.device}' is unknown; use auto, cpu, cuda or cuda:N",
+    )
+    _check(t.precision in PRECISIONS, f"train.precision '{t.precision}' is unknown{_suggest(t.precision, PRECISIONS)}")
+    _check(
+        t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0,
+        f"train.grad_accum = {t.grad_accum} must be >= 1 and divide train.batch_size = {t.batch_size}",
+    )
     f = cfg.federation
     _check(f.nu >= 0, f"federation.nu must be >= 0, got {f.nu}")
     _check(f.sub_rounds >= 1, f"federation.sub_rounds must be >= 1, got {f.sub_rounds}")
@@ -545,13 +565,19 @@ ADDED_KEYS: dict[tuple[str, str], Any] = {
     ("attack", "kind"): "random_tokens",
     ("attack", "scale"): -10.0,
     ("log", "tensorboard"): False,
+    # issue 18: runs before it were fp32 on the CPU, which "auto" resolves to there
+    ("train", "device"): "auto",
+    ("train", "precision"): "auto",
+    ("train", "grad_accum"): 1,
+    ("train", "compile"): False,
 }
 
 
 def same_config(path: Path, cfg: Config) -> bool:
     """A run directory's config.toml is `cfg` resolved (resume and experiment skip checks); see ADDED_KEYS.
 
-    The [log] table (how a run is watched, not what it computes) is left out of the comparison."""
+    Left out of the comparison: the [log] table (how a run is watched) and train.device (a run checkpointed
+    on one device resumes on another)."""
     if not path.is_file():
         return False
     try:
@@ -562,6 +588,8 @@ def same_config(path: Path, cfg: Config) -> bool:
         if isinstance(saved.setdefault(table, {}), dict):  # a table added later is absent altogether
             saved[table].setdefault(key, value)
     wanted = tomllib.loads(dumps(cfg))
-    saved.pop("log", None)
-    wanted.pop("log", None)
+    for table in (saved, wanted):
+        table.pop("log", None)
+        if isinstance(table.get("train"), dict):
+            table["train"].pop("device", None)
     return saved == wanted

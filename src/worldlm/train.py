@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from worldlm.device import CPU, Compute
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -58,7 +60,8 @@ def make_client_opt(model: nn.Module, cfg: ClientOptConfig) -> torch.optim.AdamW
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=0.0, betas=(cfg.beta1, cfg.beta2), foreach=True)
+    fused = bool(params) and params[0].device.type == "cuda"  # one fused kernel on CUDA; foreach on the CPU
+    return torch.optim.AdamW(groups, lr=0.0, betas=(cfg.beta1, cfg.beta2), foreach=not fused, fused=fused)
 
 
 def train_steps(
@@ -70,8 +73,14 @@ def train_steps(
     n_steps: int,
     grad_clip: float,
     on_step: Callable[[int, float], None] | None = None,
+    compute: Compute = CPU,
 ) -> TrainStats:
-    """Run `n_steps` AdamW steps; the LR of step i is schedule.lr(start_step + i) (the global clock)."""
+    """Run `n_steps` AdamW steps; the LR of step i is schedule.lr(start_step + i) (the global clock).
+
+    Batches go to `compute.device`; forward passes run under its autocast; with `compute.accum` = k each
+    batch is k equal micro-batches whose gradients add up to the whole batch's (the loss is a mean, so each
+    micro-batch's loss is divided by k): the same step as one batch, within rounding.
+    """
     model.train()
     losses: list[float] = []
     tokens = 0
@@ -81,9 +90,19 @@ def train_steps(
         for group in opt.param_groups:
             group["lr"] = lr
         x, y = next_batch()
-        loss = model(x, y)
+        x, y = x.to(compute.device, non_blocking=True), y.to(compute.device, non_blocking=True)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if compute.accum == 1:
+            with compute.autocasting():
+                loss = model(x, y)
+            loss.backward()
+        else:
+            loss = torch.zeros((), device=compute.device)
+            for xs, ys in zip(x.chunk(compute.accum), y.chunk(compute.accum), strict=True):
+                with compute.autocasting():
+                    part = model(xs, ys) / compute.accum
+                part.backward()
+                loss += part.detach()
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()

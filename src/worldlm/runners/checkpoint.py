@@ -47,9 +47,11 @@ class Part:
 def write_part(path: Path, part: Part, durable: bool = True) -> None:
     """Atomically write `part`; `durable=False` skips the fsync (scratch files rebuilt on resume).
 
-    safetensors writes straight from the tensors' memory: no intermediate copy of the file's bytes.
+    safetensors writes straight from the tensors' memory: no intermediate copy of the file's bytes. Tensors
+    on an accelerator are brought to the CPU first (`cpu()` of a CPU tensor is the tensor itself), so a
+    checkpoint never depends on the device it was written on.
     """
-    tensors = {k: v.detach().contiguous() for k, v in part.tensors.items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in part.tensors.items()}
     metadata = {"meta": json.dumps(part.meta)}
     atomic_write_with(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), fsync=durable)
 

@@ -71,11 +71,13 @@ class LocalRun:
         setup = set_up(cfg, self.data)
         self.tree, self.spans, self.feds = setup.tree, setup.spans, setup.feds
         self.model, self.layout = setup.model, setup.layout
+        self.compute, self.forward = setup.compute, setup.forward
         self.timer = PhaseTimer()
         self.offload = out / "offload" if cfg.federation.offload_states else None
         if self.offload is not None:  # federation.offload_states: node states in files between uses
             for i, fed in enumerate(self.feds):
-                fed.states = DiskStates(self.offload / str(i), partial(server_opt_for, self.cfg, fed), self.timer.phase)
+                server_opt = partial(server_opt_for, self.cfg, fed)
+                fed.states = DiskStates(self.offload / str(i), server_opt, self.timer.phase, self.compute.device)
         # DP per federation index (only federations holding dp-flagged nodes with a parent)
         self.privacy = {i: p for i, fed in enumerate(self.feds) if (p := make_privacy(cfg, fed)) is not None}
         self.per_round = setup.per_round
@@ -83,7 +85,14 @@ class LocalRun:
         self.stages = stages_per_round(cfg, self.tree)
         self.eval_mode = C.eval_model(cfg)  # what `deliverable` means for this method
         self.trainer = LocalTrainer(
-            self.model, self.layout, setup.client, setup.schedule, self.offload, self.timer.phase
+            self.model,
+            self.layout,
+            setup.client,
+            setup.schedule,
+            self.offload,
+            self.timer.phase,
+            self.compute,
+            self.forward,
         )
         self.trainer.on_train, self.trainer.on_step = self._on_train, self._on_step
         self._init_nodes()
@@ -144,7 +153,8 @@ class LocalRun:
         with self.timer.phase("evaluation"):
             self.layout.load(self.model, params)
             losses = {
-                n: evaluate(self.model, self.windows[(n, "val")], self.cfg.eval.batch_size)[0] for n in self.tree.order
+                n: evaluate(self.forward, self.windows[(n, "val")], self.cfg.eval.batch_size, self.compute)[0]
+                for n in self.tree.order
             }
         own = losses.get(node)
         self._write(trace_record(self.round, node, what, step, own, float(np.mean(list(losses.values())))))
@@ -192,7 +202,7 @@ class LocalRun:
         for user_node, params in self.user_models("local" if fine_tuned else self.eval_mode):
             self.layout.load(self.model, params)
             windows = self.windows[(user_node, split)]
-            loss, ppl = evaluate(self.model, windows, self.cfg.eval.batch_size)
+            loss, ppl = evaluate(self.forward, windows, self.cfg.eval.batch_size, self.compute)
             results[user_node] = {"loss": loss, "ppl": ppl}
             tokens = int(windows[:, 1:].numel())
             name = f"{split}_ft" if fine_tuned else split
@@ -242,7 +252,7 @@ class LocalRun:
         for i, fed in enumerate(self.feds):
             for k, name in enumerate(fed.tree.order):
                 with fed.states.use(name) as st:
-                    load_state(st, snap.parts[f"node-{i}-{k}"]())
+                    load_state(st, snap.parts[f"node-{i}-{k}"](), self.compute.device)
         for k, name in enumerate(self.trainer.opts):
             self.trainer.set_adam_state(name, snap.parts[f"adam-{k}"]())
         for name, sampler in self.trainer.samplers.items():

@@ -44,9 +44,10 @@ def encode_state(st: NodeState) -> Part:
     return Part(tensors, meta)
 
 
-def load_state(st: NodeState, part: Part) -> None:
-    """Set `st` (in place, its server optimizer included) to what `encode_state` wrote."""
-    t = part.tensors
+def load_state(st: NodeState, part: Part, device: torch.device | None = None) -> None:
+    """Set `st` (in place, its server optimizer included) to what `encode_state` wrote, its tensors on
+    `device` (None: where they were read, the CPU)."""
+    t = part.tensors if device is None else {k: v.to(device) for k, v in part.tensors.items()}
     st.params = t["params"]
     if st.server_opt is not None:
         st.server_opt.load_state_dict({k.removeprefix("server/"): v for k, v in t.items() if k.startswith("server/")})
@@ -119,9 +120,14 @@ class DiskStates(NodeStates):
     """
 
     def __init__(
-        self, root: Path, server_opt_for: Callable[[str], ServerOpt | None], phase: PhaseFn = no_phase
+        self,
+        root: Path,
+        server_opt_for: Callable[[str], ServerOpt | None],
+        phase: PhaseFn = no_phase,
+        device: torch.device | None = None,
     ) -> None:
         self.root = root
+        self.device = device  # where a loaded state's tensors go (the working model's device)
         self.server_opt_for = server_opt_for
         self.phase = phase
         self._files: dict[str, Path] = {}  # by index, not name: node names may hold any character
@@ -132,7 +138,7 @@ class DiskStates(NodeStates):
             file = self._files[name]
             with self.phase("offload"):
                 st = NodeState(params=torch.empty(0), server_opt=self.server_opt_for(name))
-                load_state(st, read_part(file))
+                load_state(st, read_part(file), self.device)
             self._live[name] = st
         return self._live[name]
 

@@ -10,15 +10,16 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from worldlm import config as C
 from worldlm.data.mixture import BatchSampler, Span, assign_shards, cap_spans
 from worldlm.data.prepared import Prepared
+from worldlm.device import Compute, resolve_compute
 from worldlm.federation.aggregation import Similarity
 from worldlm.federation.privacy import DPSettings, Privacy
 from worldlm.federation.server_opt import ServerOpt, ServerOptConfig, make_server_opt
@@ -222,6 +223,8 @@ class RunSetup:
     per_round: int  # sequential steps of one engine round
     schedule: Schedule  # one LR clock over all sequential steps (DESIGN §2)
     client: ClientOptConfig
+    compute: Compute  # device, autocast, micro-batches (train.device / precision / grad_accum)
+    forward: nn.Module  # what trains and evaluates: the model, or torch.compile of it (train.compile)
 
 
 def set_up(cfg: C.Config, data: Prepared) -> RunSetup:
@@ -230,8 +233,11 @@ def set_up(cfg: C.Config, data: Prepared) -> RunSetup:
     spans = assign_shards(tree, train_sizes, cfg.data.leaf_shards, cfg.data.inner_shards)
     if cfg.data.max_train_tokens > 0:  # the data-scarce regime: each node keeps only its first tokens
         spans = {n: cap_spans(sp, cfg.data.max_train_tokens) for n, sp in spans.items()}
+    compute = resolve_compute(cfg)
     torch.manual_seed(cfg.seed)
     model = GPT(gpt_config(cfg.model.preset, data.vocab_size, cfg.model.seq_len))
+    model.to(compute.device)  # initialised on the CPU: the same weights whatever the device
+    forward: nn.Module = cast(nn.Module, torch.compile(model)) if cfg.train.compile else model
     layout = ParamLayout(model, C.key_blocks(cfg) if cfg.method in ("worldlm", "fedper") else 0)
     feds = plan(cfg, tree, spans, layout)
     per_round = sequential_span(feds[0].tree, feds[0].tree.root, feds[0].opts)
@@ -245,4 +251,4 @@ def set_up(cfg: C.Config, data: Prepared) -> RunSetup:
         t.total_steps if t.total_steps >= 0 else total_seq,
     )
     client = ClientOptConfig(t.weight_decay, t.beta1, t.beta2, t.grad_clip)
-    return RunSetup(tree, spans, model, layout, feds, rounds, per_round, schedule, client)
+    return RunSetup(tree, spans, model, layout, feds, rounds, per_round, schedule, client, compute, forward)

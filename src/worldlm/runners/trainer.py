@@ -6,9 +6,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from worldlm.data.mixture import BatchSampler
+from worldlm.device import CPU, Compute
 from worldlm.model import GPT, ParamLayout
 from worldlm.runners.checkpoint import Part, read_part, write_part
 from worldlm.runners.node_state import adam_part, load_adam
@@ -18,6 +19,8 @@ from worldlm.train import ClientOptConfig, Schedule, TrainStats, make_client_opt
 
 class LocalTrainer:
     """Owns the working model and, per node, an AdamW state and a data sampler (engine's NodeTrainer).
+
+    It trains `forward` (the model, or its torch.compile) on `compute` (device, autocast, micro-batches).
 
     With `offload`, a node's AdamW moments live in a file there between its visits (see
     federation.offload_states). `phase` times "serialisation" (a node's flat state into and out of
@@ -32,8 +35,12 @@ class LocalTrainer:
         schedule: Schedule,
         offload: Path | None = None,
         phase: PhaseFn = no_phase,
+        compute: Compute = CPU,
+        forward: nn.Module | None = None,
     ) -> None:
         self.model = model
+        self.compute = compute
+        self.forward = forward or model  # torch.compile of `model` with train.compile (same parameters)
         self.layout = layout
         self.client = client
         self.schedule = schedule
@@ -78,7 +85,7 @@ class LocalTrainer:
                 load_adam(opt, self.adam_state(node))
         with self.phase("training"):
             stats = train_steps(
-                self.model,
+                self.forward,
                 opt,
                 self.samplers[node].next,
                 self.schedule,
@@ -86,6 +93,7 @@ class LocalTrainer:
                 n_steps,
                 self.client.grad_clip,
                 on_step=lambda step, loss: self.on_step(node, step, loss),
+                compute=self.compute,
             )
         if self.offload is not None:
             with self.phase("offload"):

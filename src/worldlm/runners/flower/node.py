@@ -142,6 +142,7 @@ class NodeSide:
         setup = set_up(cfg, self.data)  # every node builds the same initial model as the in-process runner
         self.spans, self.model, self.layout, self.feds = setup.spans, setup.model, setup.layout, setup.feds
         self.schedule, self.client = setup.schedule, setup.client
+        self.compute, self.forward = setup.compute, setup.forward
         self.init = self.layout.flatten(self.model)
         self.engine: dict[str, Federation] = {
             n: fed for fed in self.feds for n in fed.tree.order if host_of(n, self.tree) == name
@@ -159,7 +160,9 @@ class NodeSide:
 
     def reset(self) -> None:
         """The state before round 0 (what every node holds in the in-process runner at start)."""
-        self.trainer = LocalTrainer(self.model, self.layout, self.client, self.schedule)
+        self.trainer = LocalTrainer(
+            self.model, self.layout, self.client, self.schedule, compute=self.compute, forward=self.forward
+        )
         self.trainer.on_train = self._on_train
         self.hosted: dict[str, Hosted] = {}
         for name, fed in self.engine.items():
@@ -204,7 +207,7 @@ class NodeSide:
         for name, h in self.hosted.items():
             if h.state.server_opt is not None:
                 h.state.server_opt = server_opt_for(self.cfg, h.fed, name)
-            load_state(h.state, Part(prefixed(f"{name}/state/"), meta["states"][name]))
+            load_state(h.state, Part(prefixed(f"{name}/state/"), meta["states"][name]), self.compute.device)
             outbox = meta["outbox"][name]
             h.outbox = [Residual(t[f"{name}/outbox/{j}"], int(pos), str(o)) for j, (pos, o) in enumerate(outbox)]
         for name, opt in self.trainer.opts.items():
@@ -323,7 +326,7 @@ class NodeSide:
                 seq = self.cfg.model.seq_len
                 self.windows[(user, split_name)] = eval_windows(self.data, self.spans[user], split_name, seq, n)
             windows = self.windows[(user, split_name)]
-            loss, ppl = evaluate(self.model, windows, self.cfg.eval.batch_size)
+            loss, ppl = evaluate(self.forward, windows, self.cfg.eval.batch_size, self.compute)
             metrics.update({f"{user}/loss": loss, f"{user}/ppl": ppl, f"{user}/tokens": float(windows[:, 1:].numel())})
             if final and self.out_dir is not None:  # the personal model stays with its organisation
                 tensors = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}

@@ -23,7 +23,7 @@ from worldlm.federation.worldlm import FedOptions, Residual, Split
 
 def _array(t: Tensor, dtype: torch.dtype = torch.float32) -> Array:
     # ArrayRecord has no bfloat16; everything numeric goes as float32 (positions as int32)
-    return Array(t.detach().to(dtype).contiguous().numpy())
+    return Array(t.detach().to("cpu", dtype).contiguous().numpy())  # from any device
 
 
 def _tensor(a: Array) -> Tensor:
@@ -41,10 +41,11 @@ def model_record(params: Tensor, split: Split, opts: FedOptions) -> ArrayRecord:
 def model_from_record(rec: ArrayRecord, base: Tensor, split: Split) -> Tensor:
     """A flat state from a model message; parts that did not travel (FedPer keys) are taken from `base`.
 
-    Those parts are never read by the receiving step (receive_from_parent / aggregate_subtree).
+    Those parts are never read by the receiving step (receive_from_parent / aggregate_subtree). The state
+    is on `base`'s device (the node's working device).
     """
-    backbone = _tensor(rec["backbone"])
-    keys = _tensor(rec["keys"]) if "keys" in rec else split.keys(base)
+    backbone = _tensor(rec["backbone"]).to(base.device)
+    keys = _tensor(rec["keys"]).to(base.device) if "keys" in rec else split.keys(base)
     return split.join(backbone, keys)
 
 

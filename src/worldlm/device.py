@@ -1,0 +1,66 @@
+"""Where and how a run computes (issue 18): device, autocast precision, gradient accumulation.
+
+`resolve_compute` turns `train.device` / `train.precision` / `train.grad_accum` into a `Compute` once per
+run (every runner alike), with one-line errors for what this machine cannot do. On the CPU with the
+defaults it is fp32 and one micro-batch, so runs are bitwise what they were before these settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from worldlm import config as C
+from worldlm.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Compute:
+    device: torch.device
+    autocast: torch.dtype | None  # None: fp32 throughout; else the autocast dtype (weights stay fp32)
+    accum: int  # micro-batches per optimizer step
+
+    @contextlib.contextmanager
+    def autocasting(self) -> Iterator[None]:
+        """The forward passes' precision: autocast to `self.autocast` on the device, or nothing."""
+        if self.autocast is None:
+            yield
+            return
+        with torch.autocast(self.device.type, dtype=self.autocast):
+            yield
+
+
+def resolve_device(name: str) -> torch.device:
+    """train.device as a torch device; ConfigError (exit 2) for a CUDA device this machine lacks."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f'train.device = \'{name}\' but this machine has no CUDA device; use "cpu" or "auto"')
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ConfigError(f"train.device = '{name}' but this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+    return device
+
+
+def resolve_compute(cfg: C.Config) -> Compute:
+    """The run's device, autocast dtype and micro-batches (see config.TrainConfig)."""
+    t = cfg.train
+    device = resolve_device(t.device)
+    cuda = device.type == "cuda"
+    bf16_ok = cuda and torch.cuda.is_bf16_supported()
+    if t.precision == "bf16" and cuda and not bf16_ok:
+        raise ConfigError(f"train.precision = 'bf16' but {torch.cuda.get_device_name(device)} has no bf16; use fp32")
+    use_bf16 = t.precision == "bf16" or (t.precision == "auto" and bf16_ok)
+    if cuda:  # TF32 matmuls for the fp32 parts (never in the federation's similarities: those are float64)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Compute(device, torch.bfloat16 if use_bf16 else None, t.grad_accum)
+
+
+CPU = Compute(torch.device("cpu"), None, 1)  # the default of the training and evaluation functions
