@@ -120,3 +120,19 @@ def test_what_the_machine_cannot_do_is_one_line(data: Path, tmp_path: Path, caps
     assert err.count("\n") == 1 and "no CUDA device" in err
     auto = resolve_compute(C.load_config(cfg))
     assert auto.device.type == "cpu" and auto.autocast is None and auto.accum == 1
+
+
+def test_gpu_check_dry_run_writes_its_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # the same code as on a GPU, on the CPU at a tiny size (scripts/gpu_check.sh runs this without CUDA)
+    assert main(["gpu-check", "--dry-run", "--out", str(tmp_path), "--quiet"]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["dry_run"] and result["matmul_peak_flops"] > 0
+    assert [r["preset"] for r in result["throughput"]] == ["nano"] and result["throughput"][0]["tokens_per_s"] > 0
+    methods = result["tree"]["methods"]
+    assert set(methods) == {"worldlm", "fl"}
+    assert methods["worldlm"]["sequential_steps"] == methods["fl"]["sequential_steps"] == 3 * 2
+    assert methods["fl"]["train_tokens"] == 3 * methods["worldlm"]["train_tokens"]  # A.1.2: FL's 3x compute
+    assert "CPU dry run" in (tmp_path / "results.md").read_text()
+    if not torch.cuda.is_available():  # without --dry-run: one line, the dry run in a scratch directory, exit 0
+        assert main(["gpu-check", "--out", str(tmp_path / "none"), "--quiet"]) == 0
+        assert capsys.readouterr().out.startswith("gpu-check: no CUDA device") and not (tmp_path / "none").exists()

@@ -220,6 +220,12 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gpu_check(args: argparse.Namespace) -> int:
+    from worldlm.gpu_check import cli
+
+    return cli(Path(args.out), args.dry_run, args.quiet)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from worldlm.bench import run_bench
     from worldlm.report import console
@@ -356,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("gpu-check", help="measure a CUDA GPU (throughput, MFU, WorldLM vs FL); CPU dry run without one")
+    p.add_argument("--out", default="bench/gpu", help="output directory (default: bench/gpu)")
+    p.add_argument("--dry-run", action="store_true", help="the CPU dry run (tiny preset, a few steps) into --out")
+    p.add_argument("--quiet", action="store_true", help="no output")
+    p.set_defaults(func=_gpu_check)
 
     p = sub.add_parser(
         "bench",
