@@ -136,3 +136,31 @@ def test_gpu_check_dry_run_writes_its_results(tmp_path: Path, capsys: pytest.Cap
     if not torch.cuda.is_available():  # without --dry-run: one line, the dry run in a scratch directory, exit 0
         assert main(["gpu-check", "--out", str(tmp_path / "none"), "--quiet"]) == 0
         assert capsys.readouterr().out.startswith("gpu-check: no CUDA device") and not (tmp_path / "none").exists()
+
+
+def test_memory_plan_of_the_paper_presets_matches_a_hand_count() -> None:
+    from worldlm.memory import memory_plan
+
+    # 125m by hand: V·C + T·C (embeddings) + L·(12C² + 4C) (blocks: qkv 3C², proj C², MLP 8C², two LayerNorms)
+    # + 2C (final LayerNorm), with V = 50304, T = 1024, C = 768, L = 12
+    v, t, c, layers = 50304, 1024, 768, 12
+    params = v * c + t * c + layers * (12 * c * c + 4 * c) + 2 * c
+    assert params == 124_392_960
+    plan = memory_plan("125m", v, t, micro_batch=8, bf16=True, server_opt="fedavgm", key_blocks=4)
+    assert plan.parameters == params
+    assert (plan.weights, plan.gradients, plan.optimizer, plan.node_state) == (
+        4 * params,
+        4 * params,
+        8 * params,
+        4 * params,
+    )
+    backbone = params - 4 * (12 * c * c + 4 * c)
+    assert plan.server_state == 4 * backbone  # one momentum buffer over the backbone
+    per_token = 38 * c * layers + 6 * c + 4 * v  # bf16 autocast, by the module's list
+    assert plan.activations == per_token * 8 * t
+    assert plan.total == 20 * params + 4 * backbone + per_token * 8 * t
+    # fp32 keeps more per token; a leaf (no server optimizer) nothing for it
+    leaf32 = memory_plan("125m", v, t, micro_batch=8, bf16=False)
+    assert leaf32.server_state == 0 and leaf32.activations == (68 * c * layers + 8 * c + 4 * v) * 8 * t
+    for preset in ("75m", "250m", "400m"):
+        assert memory_plan(preset, v, t, 8).total > 0
