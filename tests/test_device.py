@@ -164,3 +164,21 @@ def test_memory_plan_of_the_paper_presets_matches_a_hand_count() -> None:
     assert leaf32.server_state == 0 and leaf32.activations == (68 * c * layers + 8 * c + 4 * v) * 8 * t
     for preset in ("75m", "250m", "400m"):
         assert memory_plan(preset, v, t, 8).total > 0
+
+
+def test_deploy_local_gpus_round_robin_and_errors(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("flwr")
+    from worldlm.runners.flower.deploy import gpu_assignment
+
+    nodes = ["root", "fr-it", "uk-ru", "fr", "it", "uk", "ru"]
+    env = gpu_assignment(nodes, [0, 1, 3])
+    assert [env[n]["CUDA_VISIBLE_DEVICES"] for n in nodes] == ["0", "1", "3", "0", "1", "3", "0"]
+    assert gpu_assignment(nodes, []) == {n: {} for n in nodes}
+    cfg = tiny_config(tmp_path, data)
+    assert main(["deploy-local", str(cfg), "--out", str(tmp_path / "x"), "--gpus", "0,a"]) == 2
+    assert "--gpus takes GPU indices" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # checked before any process starts
+        assert main(["deploy-local", str(cfg), "--out", str(tmp_path / "y"), "--gpus", "0"]) == 2
+        assert "this machine has none" in capsys.readouterr().err

@@ -121,10 +121,20 @@ def _deploy_local(args: argparse.Namespace) -> int:
         "connect_timeout": args.connect_timeout,
         "restart_dead": args.restart_dead,
         "keep_state": args.keep_state,
+        "gpus": _gpu_list(args.gpus),
     }
     return _show_run(
         args, out, "Flower deployment engine", lambda progress: deploy_local(cfg, out, progress, **options)
     )
+
+
+def _gpu_list(text: str | None) -> list[int]:
+    if not text:
+        return []
+    try:
+        return [int(g) for g in text.split(",")]
+    except ValueError:
+        raise WorldLMError(f"--gpus takes GPU indices separated by commas, e.g. 0,1; got '{text}'") from None
 
 
 def _flower_app(args: argparse.Namespace) -> int:
@@ -313,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="restart a SuperNode that exits during the run (it rejoins at the next round)",
     )
     p.add_argument("--keep-state", action="store_true", help="keep the nodes' private state files (<out>/flower/state)")
+    p.add_argument("--gpus", metavar="0,1", help="pin the SuperNodes to these GPUs round-robin (one per SuperNode)")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events (log.tensorboard)")
     p.set_defaults(func=_deploy_local)
 

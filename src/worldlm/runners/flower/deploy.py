@@ -154,7 +154,8 @@ class Processes:
     log: Callable[[str], None]
     started: dict[str, Started] = field(default_factory=dict)
 
-    def start(self, name: str, argv: list[str], log: Path) -> Started:
+    def start(self, name: str, argv: list[str], log: Path, env: dict[str, str] | None = None) -> Started:
+        """Start `argv` (its output to `log`), with `env` added to the common environment."""
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as fh:
             proc = subprocess.Popen(
@@ -162,7 +163,7 @@ class Processes:
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=self.env,
+                env={**self.env, **(env or {})},
                 start_new_session=True,  # Ctrl-C reaches worldlm, which stops them in order
                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
@@ -265,6 +266,30 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def gpu_assignment(nodes: list[str], gpus: list[int]) -> dict[str, dict[str, str]]:
+    """Each SuperNode's extra environment: one GPU each, round-robin over `gpus` (none: nothing added)."""
+    return {n: {"CUDA_VISIBLE_DEVICES": str(gpus[i % len(gpus)])} if gpus else {} for i, n in enumerate(nodes)}
+
+
+def check_gpus(cfg: C.Config, gpus: list[int]) -> None:
+    """`--gpus`: the GPUs must exist here, and each SuperNode sees its one GPU as cuda:0."""
+    import torch
+
+    if not gpus:
+        return
+    n = torch.cuda.device_count()
+    if n == 0:
+        raise WorldLMError("--gpus needs CUDA devices and this machine has none; drop --gpus to train on the CPU")
+    bad = [g for g in gpus if not 0 <= g < n]
+    if bad:
+        raise WorldLMError(f"--gpus names GPU {bad[0]}, but this machine has {n} (0..{n - 1})")
+    if cfg.train.device not in ("auto", "cuda", "cuda:0"):
+        raise WorldLMError(
+            f"train.device = '{cfg.train.device}' with --gpus: each SuperNode sees its one GPU as cuda:0; "
+            'use train.device = "auto" or "cuda"'
+        )
+
+
 def deploy_local(
     cfg: C.Config,
     out: Path,
@@ -275,10 +300,16 @@ def deploy_local(
     restart_delay: float = 5.0,
     keep_state: bool = False,
     log: Callable[[str], None] = lambda m: print(f"worldlm: {m}", file=sys.stderr, flush=True),
+    gpus: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Run `cfg` through a SuperLink and one SuperNode per tree node on 127.0.0.1; returns summary.json."""
+    """Run `cfg` through a SuperLink and one SuperNode per tree node on 127.0.0.1; returns summary.json.
+
+    `gpus`: pin the SuperNodes to these GPUs round-robin (one CUDA_VISIBLE_DEVICES each), as organisations
+    with a GPU each would run them.
+    """
     require_flower()
     check_supported(cfg)
+    check_gpus(cfg, gpus or [])
     import torch
 
     progress = progress or (lambda _e: None)
@@ -301,6 +332,7 @@ def deploy_local(
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     procs = Processes(env, work / "pids.json", log)
     tree = tree_from_config(cfg)
+    node_env = gpu_assignment(list(tree.order), gpus or [])
     threads = torch.get_num_threads()  # nodes sum in the same order as the in-process runner here
     data_path = Path(cfg.data.path).resolve()
 
@@ -343,7 +375,7 @@ def deploy_local(
             )
             _wait_for_port(port, superlink, 120.0)
             for name in tree.order:
-                procs.start(f"supernode:{name}", supernode_argv(name), logs / f"supernode-{name}.log")
+                procs.start(f"supernode:{name}", supernode_argv(name), logs / f"supernode-{name}.log", node_env[name])
             log(f"SuperLink on 127.0.0.1:{port}, {len(tree.order)} SuperNodes; logs in {logs}")
             runner = procs.start(
                 "flwr-run",
@@ -370,7 +402,7 @@ def deploy_local(
                         dead_since[key] = time.monotonic()
                     if restart_dead and time.monotonic() - dead_since[key] > restart_delay:
                         procs.stop(key)
-                        procs.start(key, supernode_argv(name), s.log)
+                        procs.start(key, supernode_argv(name), s.log, node_env[name])
                         del dead_since[key]
                         log(f"restarted SuperNode '{name}'; it rejoins at the next round")
             follower.poll()
