@@ -182,3 +182,11 @@ def test_deploy_local_gpus_round_robin_and_errors(
     if not torch.cuda.is_available():  # checked before any process starts
         assert main(["deploy-local", str(cfg), "--out", str(tmp_path / "y"), "--gpus", "0"]) == 2
         assert "this machine has none" in capsys.readouterr().err
+
+
+def test_states_in_host_memory_give_the_same_run(data: Path, tmp_path: Path) -> None:
+    default = train_tiny(tmp_path, data, "worldlm")
+    host = train_tiny(tmp_path, data, "worldlm", 'federation.offload_states="host"')
+    assert _summary(host) == _summary(default)
+    with pytest.raises(ConfigError, match='must be false, true \\(disk\\) or "host"'):
+        C.load_config(tiny_config(tmp_path, data), ['federation.offload_states="gpu"'])

@@ -137,7 +137,9 @@ class FederationConfig:
     server_opt: ServerOptSettings = field(default_factory=ServerOptSettings)
     # Keep node states (parameters, AdamW and server-optimizer state) in files under the run directory
     # between their uses, so memory does not grow with the number of nodes; results are bitwise the same.
-    offload_states: bool = False
+    # "host" (issue 18): in host memory between uses when the model is on an accelerator (the same as false on
+    # the CPU); results are bitwise the same in every case.
+    offload_states: bool | str = False
 
 
 @dataclass
@@ -244,7 +246,14 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _convert(value, args[0], where)
+        if value is None:
+            return None
+        for arg in args[:-1]:  # the first type the value fits; the last one's error otherwise
+            try:
+                return _convert(value, arg, where)
+            except ConfigError:
+                continue
+        return _convert(value, args[-1], where)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a table, got {type(value).__name__} {value!r}")
@@ -412,6 +421,10 @@ def validate(cfg: Config) -> None:
     )
     _check(0 <= f.outlier_weight <= 1, f"federation.outlier_weight must be in [0, 1], got {f.outlier_weight}")
     _check(f.outlier_rounds >= 1, f"federation.outlier_rounds must be >= 1, got {f.outlier_rounds}")
+    _check(
+        f.offload_states in (False, True, "host"),
+        f'federation.offload_states must be false, true (disk) or "host", got {f.offload_states!r}',
+    )
     _validate_server_opt(f.server_opt, "federation.server_opt")
     for node in cfg.tree.nodes:
         if node.server_opt is not None:

@@ -35,14 +35,14 @@ class Compute:
 
 def resolve_device(name: str) -> torch.device:
     """train.device as a torch device; ConfigError (exit 2) for a CUDA device this machine lacks."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError(f'train.device = \'{name}\' but this machine has no CUDA device; use "cpu" or "auto"')
-    device = torch.device(name)
-    if device.index is not None and device.index >= torch.cuda.device_count():
+    device = torch.device("cuda" if name == "auto" else name)
+    if device.index is None:  # always with an index, so it compares equal to the device tensors report
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.index >= torch.cuda.device_count():
         n = torch.cuda.device_count()
         raise ConfigError(f"train.device = '{name}' but this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
     return device

@@ -29,7 +29,7 @@ from worldlm.federation.privacy import Privacy
 from worldlm.federation.worldlm import run_round
 from worldlm.io import JsonlWriter, atomic_write_bytes, atomic_write_json, atomic_write_text
 from worldlm.runners.checkpoint import CannotResume, Part, Snapshot, load_latest, save_checkpoint
-from worldlm.runners.node_state import DiskStates, NodeStates, encode_state, load_state
+from worldlm.runners.node_state import DiskStates, HostStates, NodeStates, encode_state, load_state
 from worldlm.runners.planning import (
     initial_state,
     make_privacy,
@@ -73,11 +73,14 @@ class LocalRun:
         self.model, self.layout = setup.model, setup.layout
         self.compute, self.forward = setup.compute, setup.forward
         self.timer = PhaseTimer()
-        self.offload = out / "offload" if cfg.federation.offload_states else None
+        self.offload = out / "offload" if cfg.federation.offload_states is True else None
         if self.offload is not None:  # federation.offload_states: node states in files between uses
             for i, fed in enumerate(self.feds):
                 server_opt = partial(server_opt_for, self.cfg, fed)
                 fed.states = DiskStates(self.offload / str(i), server_opt, self.timer.phase, self.compute.device)
+        if cfg.federation.offload_states == "host":  # node states in host memory between uses
+            for fed in self.feds:
+                fed.states = HostStates(self.compute.device, self.timer.phase)
         # DP per federation index (only federations holding dp-flagged nodes with a parent)
         self.privacy = {i: p for i, fed in enumerate(self.feds) if (p := make_privacy(cfg, fed)) is not None}
         self.per_round = setup.per_round

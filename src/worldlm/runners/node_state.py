@@ -1,4 +1,5 @@
-"""Where a runner keeps each node's state between uses: in memory, or on disk (`federation.offload_states`).
+"""Where a runner keeps each node's state between uses: where it is computed on, in host memory, or on disk
+(`federation.offload_states` false, "host", true).
 
 Both stores serialise a state the same way a checkpoint does (one `Part` per node), so a state
 read back from disk is bitwise the one written, and checkpoints are assembled one node at a time.
@@ -161,3 +162,43 @@ class DiskStates(NodeStates):
         if st is not None:
             with self.phase("offload"):
                 write_part(self._files[name], encode_state(st), durable=False)
+
+
+def _moved(st: NodeState, device: torch.device) -> NodeState:
+    """`st` with every tensor on `device` (the server optimizer's state included); the same object."""
+    if st.params.device == device:
+        return st
+    st.params = st.params.to(device)
+    if st.server_opt is not None:
+        st.server_opt.load_state_dict({k: v.to(device) for k, v in st.server_opt.state_dict().items()})
+    for queue in (st.to_aggregate, st.to_route):
+        queue[:] = [Residual(r.vector.to(device), r.position, r.origin) for r in queue]
+    st.reference = None if st.reference is None else st.reference.to(device)
+    st.child_keys = {c: k.to(device) for c, k in st.child_keys.items()}
+    return st
+
+
+class HostStates(MemoryStates):
+    """Node states in host memory between uses, on `device` (the working model's) while in use.
+
+    With the model on the CPU this is `MemoryStates`; on an accelerator it keeps the device's memory for
+    the states in use (the round's path and the updates being collected). Moves are timed as "offload".
+    """
+
+    def __init__(self, device: torch.device, phase: PhaseFn = no_phase) -> None:
+        super().__init__()
+        self.device = device
+        self.phase = phase
+
+    def __getitem__(self, name: str) -> NodeState:
+        st = super().__getitem__(name)
+        if st.params.device != self.device:
+            with self.phase("offload"):
+                _moved(st, self.device)
+        return st
+
+    def release(self, name: str) -> None:
+        st = super().__getitem__(name)
+        if st.params.device.type != "cpu":
+            with self.phase("offload"):
+                _moved(st, torch.device("cpu"))
