@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,6 +76,13 @@ name = "ru"
 parent = "uk-ru"
 sources = ["ru"]
 """
+
+
+def summary_of(run: Path) -> dict[str, Any]:
+    """A run's summary.json without its wall-clock time (what equal runs share bit for bit)."""
+    summary = json.loads((run / "summary.json").read_text())
+    summary.pop("wall_seconds")
+    return dict(summary)
 
 
 def tiny_config(tmp: Path, data: Path, method: str = "worldlm", extra: str = "") -> Path:

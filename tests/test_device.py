@@ -11,12 +11,11 @@ import copy
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
-from fixtures import make_prepared, tiny_config, train_tiny
+from fixtures import make_prepared, summary_of, tiny_config, train_tiny
 from worldlm import config as C
 from worldlm.cli import main
 from worldlm.device import Compute, resolve_compute
@@ -28,12 +27,6 @@ from worldlm.train import ClientOptConfig, Schedule, make_client_opt, train_step
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_prepared(tmp_path_factory.mktemp("data") / "d")
-
-
-def _summary(run: Path) -> dict[str, Any]:
-    s = json.loads((run / "summary.json").read_text())
-    s.pop("wall_seconds")
-    return dict(s)
 
 
 def _batches(n: int, batch: int, seq: int, vocab: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -92,7 +85,7 @@ def test_bf16_autocast_runs_on_the_cpu_near_fp32() -> None:
 def test_device_cpu_is_todays_run_and_resumes_under_auto(data: Path, tmp_path: Path) -> None:
     default = train_tiny(tmp_path, data, "worldlm")
     cpu = train_tiny(tmp_path, data, "worldlm", 'train.device="cpu"', 'train.precision="fp32"')
-    assert _summary(cpu) == _summary(default)
+    assert summary_of(cpu) == summary_of(default)
     # train.device is not part of a run's identity: a run checkpointed under one setting resumes under another
     shutil.rmtree(cpu / "checkpoints" / "final")
     shutil.rmtree(sorted((cpu / "checkpoints").glob("round-*"))[-1])
@@ -100,7 +93,7 @@ def test_device_cpu_is_todays_run_and_resumes_under_auto(data: Path, tmp_path: P
     cfg = tiny_config(tmp_path, data)
     args = ["train", str(cfg), "--out", str(cpu), "--quiet", "--resume", "--set", 'train.precision="fp32"']
     assert main([*args, "--set", 'train.device="auto"']) == 0
-    assert _summary(cpu) == _summary(default)
+    assert summary_of(cpu) == summary_of(default)
 
 
 def test_what_the_machine_cannot_do_is_one_line(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -187,6 +180,6 @@ def test_deploy_local_gpus_round_robin_and_errors(
 def test_states_in_host_memory_give_the_same_run(data: Path, tmp_path: Path) -> None:
     default = train_tiny(tmp_path, data, "worldlm")
     host = train_tiny(tmp_path, data, "worldlm", 'federation.offload_states="host"')
-    assert _summary(host) == _summary(default)
+    assert summary_of(host) == summary_of(default)
     with pytest.raises(ConfigError, match='must be false, true \\(disk\\) or "host"'):
         C.load_config(tiny_config(tmp_path, data), ['federation.offload_states="gpu"'])

@@ -23,7 +23,7 @@ for _key, _value in {
 
 pytest.importorskip("flwr")
 
-from fixtures import make_prepared, tiny_config  # noqa: E402
+from fixtures import make_prepared, summary_of, tiny_config  # noqa: E402
 from worldlm import config as C  # noqa: E402
 from worldlm.cli import main  # noqa: E402
 from worldlm.errors import WorldLMError  # noqa: E402
@@ -38,12 +38,6 @@ from worldlm.runners.local import run  # noqa: E402
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_prepared(tmp_path_factory.mktemp("data") / "d")
-
-
-def _summary(path: Path) -> dict[str, Any]:
-    summary = json.loads((path / "summary.json").read_text())
-    summary.pop("wall_seconds")
-    return dict(summary)
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -71,7 +65,7 @@ def test_inprocess_messages_equal_local_runner_bitwise(data: Path, local_worldlm
     # execute
     assert main(["train", str(cfg), "--runner", "flower-inproc", "--out", str(out), "--quiet"]) == 0
     # assert: same summary (bitwise: same ops, same order, same threads), same records, same final models
-    assert _summary(out) == _summary(local_worldlm)
+    assert summary_of(out) == summary_of(local_worldlm)
     assert _canonical(_records(out)) == _canonical(_records(local_worldlm))
     assert (out / "config.toml").read_text() == (local_worldlm / "config.toml").read_text()
     for model in sorted((local_worldlm / "checkpoints" / "final").glob("*.safetensors")):
@@ -103,7 +97,7 @@ def test_other_methods_and_options_equal_local_runner(data: Path, tmp_path: Path
     cfg = C.load_config(tiny_config(tmp_path, data, method), sets)
     run(cfg, tmp_path / "local")
     run_inprocess(cfg, tmp_path / "flower")
-    assert _summary(tmp_path / "flower") == _summary(tmp_path / "local")
+    assert summary_of(tmp_path / "flower") == summary_of(tmp_path / "local")
 
 
 def test_bytes_per_edge_are_the_message_payloads(data: Path, local_worldlm: Path, tmp_path: Path) -> None:
@@ -130,7 +124,7 @@ def test_bytes_per_edge_are_the_message_payloads(data: Path, local_worldlm: Path
                 up[key] = (
                     up.get(key, 0) + nbytes + wire.value_bytes(msg.content.array_records.get(f"residuals/{child}"))
                 )
-    assert {**down, **up} == summary["bytes_per_edge"] == _summary(local_worldlm)["bytes_per_edge"]
+    assert {**down, **up} == summary["bytes_per_edge"] == summary_of(local_worldlm)["bytes_per_edge"]
     # and the formula: backbone + key layers, all float32, per round (2 rounds; residuals only ride on some)
     params = int(summary["parameters"])
     assert summary["bytes_per_edge"]["it->fr-it"] == 2 * params * BYTES_PER_VALUE  # a leaf sends no residuals
@@ -228,7 +222,7 @@ def test_simulation_engine_equals_local_runner(data: Path, local_worldlm: Path, 
     out = tmp_path / "sim"
     cfg = tiny_config(tmp_path, data, "worldlm")
     assert main(["train", str(cfg), "--runner", "flower-sim", "--out", str(out), "--quiet"]) == 0
-    assert _summary(out) == _summary(local_worldlm)
+    assert summary_of(out) == summary_of(local_worldlm)
 
 
 @pytest.mark.slow
@@ -240,6 +234,6 @@ def test_deploy_local_equals_local_runner_and_stops_its_processes(
     out = tmp_path / "deploy"
     cfg = tiny_config(tmp_path, data, "worldlm")
     assert main(["deploy-local", str(cfg), "--out", str(out), "--quiet"]) == 0
-    assert _summary(out) == _summary(local_worldlm)
+    assert summary_of(out) == summary_of(local_worldlm)
     pids = json.loads((out / "flower" / "pids.json").read_text())
     assert pids == {}  # everything deploy-local started is gone

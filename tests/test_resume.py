@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures import make_prepared, tiny_config
+from fixtures import make_prepared, summary_of, tiny_config
 from worldlm.cli import main
 
 # Float sums depend on the thread count, so the killed subprocess and the in-process runs pin it.
@@ -27,12 +27,6 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[st
     reference = tmp / "reference"
     assert main(["train", str(cfg), "--out", str(reference), "--quiet", *ROUNDS]) == 0
     return tmp, cfg, summary_of(reference)
-
-
-def summary_of(run: Path) -> dict[str, object]:
-    summary = json.loads((run / "summary.json").read_text())
-    summary.pop("wall_seconds")
-    return summary
 
 
 def records_of(run: Path) -> list[dict[str, object]]:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 
-from fixtures import TREE, FakeTrainer, make_prepared, tiny_config, train_tiny
+from fixtures import TREE, FakeTrainer, make_prepared, summary_of, tiny_config, train_tiny
 from worldlm import config as C
 from worldlm.errors import ConfigError
 from worldlm.federation import aggregation_reference as naive
@@ -282,12 +282,6 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_prepared(tmp_path_factory.mktemp("data"))
 
 
-def _summary(run_dir: Path) -> dict[str, Any]:
-    s = json.loads((run_dir / "summary.json").read_text())
-    s.pop("wall_seconds")
-    return dict(s)
-
-
 def test_config_rejects_unknown_similarity_in_one_line(data: Path, tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, data)
     with pytest.raises(ConfigError, match=r"federation\.similarity 'cosine' is unknown"):
@@ -315,9 +309,9 @@ def test_updates_similarity_resumes_and_offloads_bitwise(data: Path, tmp_path: P
     for s in SETS:
         args += ["--set", s]
     assert main(args) == 0
-    assert _summary(resumed) == _summary(full)
+    assert summary_of(resumed) == summary_of(full)
     offloaded = train_tiny(tmp_path, data, "worldlm", "train.rounds=3", "federation.offload_states=true", *SETS)
-    assert _summary(offloaded) == _summary(full)
+    assert summary_of(offloaded) == summary_of(full)
 
 
 # --------------------------------------------------------------------------------------------------
