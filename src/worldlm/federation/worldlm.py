@@ -190,16 +190,15 @@ def aggregate_subtree(
     members = torch.cat([node_keys.unsqueeze(0), child_keys])  # [M, L, D], member 0 = q
     sent = split.keys(node_params)  # the model q's children received from it
     refs: Tensor | None = None
-    if (
-        opts.similarity.kind == "updates"
-    ):  # each member's change: q's since its visit began, the children's since `sent`
+    if opts.similarity.kind == "updates":
+        # each member's change: q's since its visit began, the children's since `sent`
         mine = node_keys if reference is None else reference
         refs = torch.cat([mine.unsqueeze(0), sent.unsqueeze(0).expand_as(child_keys)])
     pooled, weights = aggregate_children_batched(members, opts.attention, opts.similarity, refs)  # C–D
     picked: list[Residual] = []
     if opts.nu > 0:
         eligible = None
-        if opts.skip_outlier_residuals and opts.outlier_weight > 0:  # q's attention all but ignores it: not carried on
+        if opts.skip_outlier_residuals and opts.outlier_weight > 0:  # a child q's attention all but ignores
             eligible = child_shares(weights) >= opts.outlier_weight / len(updates)  # [L, C]
         ref = sent if opts.similarity.kind == "updates" else None
         idx, _ = most_dissimilar_batched(pooled, child_keys, opts.nu, opts.similarity, ref, eligible)  # E
