@@ -53,6 +53,8 @@ def resolve_compute(cfg: C.Config) -> Compute:
     t = cfg.train
     device = resolve_device(t.device)
     cuda = device.type == "cuda"
+    if cuda and C.dp_nodes(cfg):  # the DP mechanism's noise and accountant state live on the CPU
+        raise ConfigError('differential privacy (dp nodes) runs on the CPU for now; set train.device = "cpu"')
     bf16_ok = cuda and torch.cuda.is_bf16_supported()
     if t.precision == "bf16" and cuda and not bf16_ok:
         raise ConfigError(f"train.precision = 'bf16' but {torch.cuda.get_device_name(device)} has no bf16; use fp32")
