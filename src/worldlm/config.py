@@ -35,6 +35,7 @@ SIMILARITY_ON = ("all", "matrices")
 ATTACKS = ("random_tokens", "scaled_update")
 SOURCE_FORMATS = ("text", "lines", "jsonl", "parquet", "hf")
 PRECISIONS = ("auto", "fp32", "bf16")
+DP_UNITS = ("node", "record")
 
 
 @dataclass
@@ -179,6 +180,13 @@ class DPConfig:
     target_quantile: float = 0.5  # adaptive: fraction of updates meant to fall under C (gamma)
     clip_lr: float = 0.2  # adaptive: eta_C of the geometric update C <- C exp(-eta_C (b - gamma))
     bit_sigma: float = 0.5  # adaptive: noise std on each node's clipped-or-not bit (accounted too)
+    # What is protected (issue 16): "node" = everything a node sends (DPFedAvg above: sigma, clip, ...);
+    # "record" = each training window of a DP node (DP-SGD there: per-example clipping to max_grad_norm,
+    # Poisson sampling, the noise multiplier calibrated so epsilon reaches target_epsilon at delta after the
+    # node's planned steps; record_dp.py).
+    unit: str = "node"
+    max_grad_norm: float = 1.0
+    target_epsilon: float = 8.0
 
 
 @dataclass
@@ -477,8 +485,11 @@ def _validate_dp(cfg: Config) -> None:
     names = [n.name for n in cfg.tree.nodes]
     for name in dp.nodes:
         _check(name in names, f"dp.nodes names '{name}', which is not a tree node{_suggest(name, names)}")
+    _check(dp.unit in DP_UNITS, f"dp.unit '{dp.unit}' is unknown{_suggest(dp.unit, DP_UNITS)}")
+    _check(dp.max_grad_norm > 0, f"dp.max_grad_norm must be > 0, got {dp.max_grad_norm}")
+    _check(dp.target_epsilon > 0, f"dp.target_epsilon must be > 0, got {dp.target_epsilon}")
     root = next((n.name for n in cfg.tree.nodes if not n.parent), None)
-    if cfg.method in HIERARCHY_METHODS and root is not None:
+    if cfg.method in HIERARCHY_METHODS and root is not None and dp.unit == "node":
         _check(
             root not in dp_nodes(cfg),
             f"tree node '{root}' is the root: it sends nothing to a parent, so DP has nothing to privatise there; "
@@ -583,6 +594,10 @@ ADDED_KEYS: dict[tuple[str, str], Any] = {
     ("train", "precision"): "auto",
     ("train", "grad_accum"): 1,
     ("train", "compile"): False,
+    # issue 16: DP runs before it were node-level ([dp] is written only when set)
+    ("dp", "unit"): "node",
+    ("dp", "max_grad_norm"): 1.0,
+    ("dp", "target_epsilon"): 8.0,
 }
 
 
@@ -597,10 +612,10 @@ def same_config(path: Path, cfg: Config) -> bool:
         saved = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return False
-    for (table, key), value in ADDED_KEYS.items():
-        if isinstance(saved.setdefault(table, {}), dict):  # a table added later is absent altogether
-            saved[table].setdefault(key, value)
     wanted = tomllib.loads(dumps(cfg))
+    for (table, key), value in ADDED_KEYS.items():
+        if table in wanted and isinstance(saved.setdefault(table, {}), dict):  # a table added later is absent
+            saved[table].setdefault(key, value)
     for table in (saved, wanted):
         table.pop("log", None)
         if isinstance(table.get("train"), dict):

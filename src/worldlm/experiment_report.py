@@ -141,9 +141,15 @@ def privacy_stats(runs: list[RunData]) -> dict[str, Any] | None:
     if not private:
         return None
     nodes = list(private[0]["epsilon"])
+    record = private[0].get("unit") == "record"  # DP-SGD: a calibrated noise multiplier per node
     return {
+        "unit": private[0].get("unit", "node"),
         "delta": private[0]["delta"],
-        "sigma": private[0]["sigma"],
+        "sigma": (
+            {n: float(np.mean([p["noise_multiplier"][n] for p in private])) for n in nodes}
+            if record
+            else private[0]["sigma"]
+        ),
         "epsilon": {n: float(np.mean([p["epsilon"][n] for p in private])) for n in nodes},
         "stopped": sorted({n for p in private for n in p["stopped"]}),
     }
@@ -556,8 +562,12 @@ def _privacy_md(stats: dict[str, dict[str, Any]]) -> list[str]:
         p = s.get("privacy")
         if p is None:
             continue
-        spent = ", ".join(f"{n} ε = {eps:.1f}" for n, eps in p["epsilon"].items())
         stopped = f"; stopped at the budget: {', '.join(p['stopped'])}" if p["stopped"] else ""
+        if isinstance(p["sigma"], dict):  # record-level: each node's own calibrated σ
+            spent = ", ".join(f"{n} ε = {eps:.1f} (σ = {p['sigma'][n]:.3g})" for n, eps in p["epsilon"].items())
+            lines.append(f"- {m}: record-level DP-SGD, {spent} (δ = {p['delta']:g}{stopped})")
+            continue
+        spent = ", ".join(f"{n} ε = {eps:.1f}" for n, eps in p["epsilon"].items())
         lines.append(f"- {m}: {spent} (δ = {p['delta']:g}, σ = {p['sigma']:g}{stopped})")
     if not lines:
         return []

@@ -74,12 +74,15 @@ def train_steps(
     grad_clip: float,
     on_step: Callable[[int, float], None] | None = None,
     compute: Compute = CPU,
+    private: Callable[[nn.Module, Tensor, Tensor], float] | None = None,
 ) -> TrainStats:
     """Run `n_steps` AdamW steps; the LR of step i is schedule.lr(start_step + i) (the global clock).
 
     Batches go to `compute.device`; forward passes run under its autocast; with `compute.accum` = k each
     batch is k equal micro-batches whose gradients add up to the whole batch's (the loss is a mean, so each
     micro-batch's loss is divided by k): the same step as one batch, within rounding.
+    `private` (a record-level DP node, record_dp.RecordDP.backward): sets the privatised gradient of the
+    batch (per-example clipping and noise) instead of the backward pass and the global clip; returns the loss.
     """
     model.train()
     losses: list[float] = []
@@ -92,7 +95,9 @@ def train_steps(
         x, y = next_batch()
         x, y = x.to(compute.device, non_blocking=True), y.to(compute.device, non_blocking=True)
         opt.zero_grad(set_to_none=True)
-        if compute.accum == 1:
+        if private is not None:
+            value = private(model, x, y)
+        elif compute.accum == 1:
             with compute.autocasting():
                 loss = model(x, y)
             loss.backward()
@@ -103,11 +108,13 @@ def train_steps(
                     part = model(xs, ys) / compute.accum
                 part.backward()
                 loss += part.detach()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if private is None:
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            value = float(loss.detach())
         opt.step()
-        value = float(loss.detach())
-        losses.append(value)
+        if y.numel():  # a DP node's Poisson sample can be empty: a noise-only step with no loss
+            losses.append(value)
         tokens += y.numel()
         if on_step is not None:
             on_step(start_step + i, value)

@@ -28,11 +28,13 @@ from worldlm.evaluate import evaluate
 from worldlm.federation.privacy import Privacy
 from worldlm.federation.worldlm import run_round
 from worldlm.io import JsonlWriter, atomic_write_bytes, atomic_write_json, atomic_write_text
+from worldlm.record_dp import PoissonWindows, RecordDP
 from worldlm.runners.checkpoint import CannotResume, Part, Snapshot, load_latest, save_checkpoint
 from worldlm.runners.node_state import DiskStates, HostStates, NodeStates, encode_state, load_state
 from worldlm.runners.planning import (
     initial_state,
     make_privacy,
+    make_record_dp,
     node_sampler,
     personal_models,
     server_opt_for,
@@ -126,9 +128,11 @@ class LocalRun:
                 fed.states[name] = initial_state(self.cfg, fed, name, init)
                 fed.states.release(name)
                 if node.trains:
-                    self.trainer.add_node(
-                        name, node_sampler(self.cfg, self.data, fed, name), update_scale(self.cfg, name)
-                    )
+                    sampler = node_sampler(self.cfg, self.data, fed, name)
+                    private = None
+                    if isinstance(sampler, PoissonWindows):  # dp.unit = "record": DP-SGD at this node
+                        private = make_record_dp(self.cfg, fed, name, sampler, self.rounds)
+                    self.trainer.add_node(name, sampler, update_scale(self.cfg, name), private)
 
     # ------------------------------------------------------------------ observability
 
@@ -236,6 +240,9 @@ class LocalRun:
         for i, priv in self.privacy.items():  # accountant ledgers, clip bounds, noise RNG (resume = uninterrupted)
             priv_tensors, privacy[str(i)] = priv.state_dict()
             tensors.update({f"dp/{i}/{k}": v for k, v in priv_tensors.items()})
+        for name, dp_sgd in self.trainer.private.items():  # record-level DP: noise RNG and accountant history
+            dp_tensors, privacy[f"record/{name}"] = dp_sgd.state_dict()
+            tensors.update({f"dp-record/{name}/{k}": v for k, v in dp_tensors.items()})
         assert self.metrics is not None
         state = {
             "round": self.round,
@@ -260,6 +267,11 @@ class LocalRun:
             self.trainer.set_adam_state(name, snap.parts[f"adam-{k}"]())
         for name, sampler in self.trainer.samplers.items():
             sampler.set_state(s["samplers"][name])
+        for name, dp_sgd in self.trainer.private.items():
+            prefix = f"dp-record/{name}/"
+            dp_sgd.load_state_dict(
+                {k[len(prefix) :]: v for k, v in t.items() if k.startswith(prefix)}, s["privacy"][f"record/{name}"]
+            )
         for i, priv in self.privacy.items():
             prefix = f"dp/{i}/"
             priv.load_state_dict(
@@ -339,6 +351,8 @@ class LocalRun:
                         if privacy is not None:
                             with phase("privacy"):
                                 self._end_privacy_round(privacy, rnd)
+                    for name, dp_sgd in self.trainer.private.items():  # record-level DP: epsilon so far
+                        self._write({"event": "privacy", "round": rnd, "node": name, **self._record_dp(dp_sgd)})
                     diverged = all_diverged(self.round_losses)
                     if self.cfg.eval.every_round or diverged or rnd == self.rounds - 1:
                         with phase("evaluation"):
@@ -407,13 +421,41 @@ class LocalRun:
         )
         return {**summary, **self._privacy_summary()}
 
+    def _record_dp(self, dp_sgd: RecordDP) -> dict[str, Any]:
+        return {
+            "unit": "record",
+            "epsilon": dp_sgd.epsilon(self.cfg.dp.delta),
+            "delta": self.cfg.dp.delta,
+            "noise_multiplier": dp_sgd.noise_multiplier,
+            "sample_rate": dp_sgd.sample_rate,
+            "steps": sum(n for _, _, n in dp_sgd.accountant.history),
+            "stopped": dp_sgd.stopped,
+        }
+
     def _privacy_summary(self) -> dict[str, Any]:
         """DP runs only (DESIGN §4 run directory contract): epsilon per DP node at the configured delta."""
+        if self.trainer.private:
+            per = {name: self._record_dp(dp_sgd) for name, dp_sgd in self.trainer.private.items()}
+            return {
+                "privacy": {
+                    "unit": "record",
+                    "delta": self.cfg.dp.delta,
+                    "epsilon": {n: r["epsilon"] for n, r in per.items()},
+                    "target_epsilon": self.cfg.dp.target_epsilon,
+                    "max_grad_norm": self.cfg.dp.max_grad_norm,
+                    "noise_multiplier": {n: r["noise_multiplier"] for n, r in per.items()},
+                    "sample_rate": {n: r["sample_rate"] for n, r in per.items()},
+                    "steps": {n: r["steps"] for n, r in per.items()},
+                    "stopped": sorted(n for n, r in per.items() if r["stopped"]),
+                    "accountant": "Opacus RDP, Poisson-subsampled Gaussian per DP-SGD step, a record = one window",
+                }
+            }
         if not self.privacy:
             return {}
         privs = list(self.privacy.values())
         return {
             "privacy": {
+                "unit": "node",
                 "delta": self.cfg.dp.delta,
                 "epsilon": {r["node"]: r["epsilon"] for p in privs for r in p.records()},
                 "sigma": self.cfg.dp.sigma,

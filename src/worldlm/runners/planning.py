@@ -34,6 +34,7 @@ from worldlm.federation.worldlm import (
     trainings_per_round,
 )
 from worldlm.model import GPT, ParamLayout, gpt_config
+from worldlm.record_dp import PoissonWindows, RecordDP, calibrate
 from worldlm.runners.node_state import MemoryStates, NodeStates
 from worldlm.train import ClientOptConfig, Schedule
 
@@ -56,7 +57,10 @@ def tree_from_config(cfg: C.Config) -> Tree:
 
 
 def make_privacy(cfg: C.Config, fed: Federation) -> Privacy | None:
-    """The DP state of one federation: its nodes flagged dp that have a parent to privatise against (§4.2)."""
+    """The node-level DP state of one federation: its nodes flagged dp that have a parent to privatise
+    against (§4.2); None under dp.unit = "record" (DP-SGD at the nodes instead, `make_record_dp`)."""
+    if cfg.dp.unit == "record":
+        return None
     parents = {n: p for n in fed.tree.order if fed.tree[n].dp and (p := fed.tree[n].parent) is not None}
     if not parents:
         return None
@@ -72,6 +76,15 @@ def make_privacy(cfg: C.Config, fed: Federation) -> Privacy | None:
         bit_sigma=d.bit_sigma,
     )
     return Privacy(settings, parents, {n: node_seed(cfg.seed, f"dp-noise/{n}") for n in parents})
+
+
+def make_record_dp(cfg: C.Config, fed: Federation, name: str, sampler: PoissonWindows, rounds: int) -> RecordDP:
+    """A record-level DP node's DP-SGD state, its noise calibrated over its planned steps of the whole run."""
+    steps = fed.opts.local_steps[name] * trainings_per_round(fed.tree, name, fed.opts) * rounds
+    sigma = calibrate(cfg.dp.target_epsilon, cfg.dp.delta, sampler.sample_rate, steps)
+    seed = node_seed(cfg.seed, f"dp-sgd/{name}")
+    n = len(sampler.windows)
+    return RecordDP(sigma, sampler.sample_rate, n, cfg.dp.max_grad_norm, seed, cfg.dp.delta, cfg.dp.epsilon_budget)
 
 
 def _server_opt_cfg(s: C.ServerOptSettings) -> ServerOptConfig:
@@ -197,9 +210,17 @@ def node_seed(seed: int, name: str) -> int:
     return int(np.random.SeedSequence([seed, zlib.crc32(name.encode())]).generate_state(1)[0])
 
 
-def node_sampler(cfg: C.Config, data: Prepared, fed: Federation, name: str) -> BatchSampler:
+def record_dp_nodes(cfg: C.Config) -> set[str]:
+    """The nodes that train with DP-SGD (dp.unit = "record"); none for centralized (pooled by definition)."""
+    return C.dp_nodes(cfg) if cfg.dp.unit == "record" and cfg.method != "centralized" else set()
+
+
+def node_sampler(cfg: C.Config, data: Prepared, fed: Federation, name: str) -> BatchSampler | PoissonWindows:
     """A training node's batches: its shards, seeded by the run seed and its name (the same in every runner);
-    random tokens for a node under attack.kind = "random_tokens"."""
+    random tokens for a node under attack.kind = "random_tokens"; Poisson samples of its windows for a
+    record-level DP node."""
+    if name in record_dp_nodes(cfg):
+        return PoissonWindows(data, fed.spans[name], cfg.model.seq_len, cfg.train.batch_size, node_seed(cfg.seed, name))
     noise = data.vocab_size if C.attacked(cfg, name, "random_tokens") else 0
     seed = node_seed(cfg.seed, name)
     return BatchSampler(data, fed.spans[name], cfg.model.seq_len, cfg.train.batch_size, seed, noise)

@@ -11,10 +11,13 @@ from torch import Tensor, nn
 from worldlm.data.mixture import BatchSampler
 from worldlm.device import CPU, Compute
 from worldlm.model import GPT, ParamLayout
+from worldlm.record_dp import PoissonWindows, RecordDP
 from worldlm.runners.checkpoint import Part, read_part, write_part
 from worldlm.runners.node_state import adam_part, load_adam
 from worldlm.timing import PhaseFn, no_phase
 from worldlm.train import ClientOptConfig, Schedule, TrainStats, make_client_opt, train_steps
+
+Sampler = BatchSampler | PoissonWindows
 
 
 class LocalTrainer:
@@ -46,16 +49,20 @@ class LocalTrainer:
         self.schedule = schedule
         self.offload = offload
         self.phase = phase
-        self.samplers: dict[str, BatchSampler] = {}
+        self.samplers: dict[str, Sampler] = {}
         self.scales: dict[str, float] = {}
+        self.private: dict[str, RecordDP] = {}
         self.opts: dict[str, torch.optim.Optimizer] = {}
         self.on_train: Callable[[str, int, int, TrainStats], None] = lambda *_: None
         self.on_step: Callable[[str, int, float], None] = lambda *_: None
 
-    def add_node(self, name: str, sampler: BatchSampler, update_scale: float = 1.0) -> None:
-        """`update_scale` != 1: the node's training change is scaled before it is returned (attack.scale)."""
+    def add_node(self, name: str, sampler: Sampler, update_scale: float = 1.0, private: RecordDP | None = None) -> None:
+        """`update_scale` != 1: the node's training change is scaled before it is returned (attack.scale);
+        `private`: the node trains with DP-SGD (dp.unit = "record"; its sampler then draws Poisson samples)."""
         self.samplers[name] = sampler
         self.scales[name] = update_scale
+        if private is not None:
+            self.private[name] = private
         # Each node's AdamW holds its own moments for the shared working parameters (ClientOpt state).
         self.opts[name] = make_client_opt(self.model, self.client)
 
@@ -94,6 +101,7 @@ class LocalTrainer:
                 self.client.grad_clip,
                 on_step=lambda step, loss: self.on_step(node, step, loss),
                 compute=self.compute,
+                private=self.private[node].backward if node in self.private else None,
             )
         if self.offload is not None:
             with self.phase("offload"):
