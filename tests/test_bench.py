@@ -36,6 +36,7 @@ def test_training_rows_are_positive_and_fastest_is_one_of_them(quick: tuple[Path
     assert rows and all(r["tokens_per_s"] > 0 and r["flops_per_s"] > 0 and r["matmul_fraction"] > 0 for r in rows)
     assert all(f > 0 for f in te["matmul_flops_per_s"].values())
     assert te["fastest"]["tokens_per_s"] == max(r["tokens_per_s"] for r in rows)
+    assert {"fp32", "fp32-dp-sgd"} <= {r["setting"] for r in rows}  # a DP node's step beside the plain one
 
 
 def test_round_split_sums_to_the_round(quick: tuple[Path, dict[str, Any]]) -> None:

@@ -53,7 +53,7 @@ from worldlm.train import ClientOptConfig, Schedule, make_client_opt, train_step
 
 VOCAB = 4096  # the prepared recipes' default
 TARGETS = {"in_round_vs_raw": 0.95, "non_training_fraction": 0.05, "aggregation_speedup_at_16": 10.0}
-SETTINGS = ("fp32", "bf16-autocast", "fp32-compiled")
+SETTINGS = ("fp32", "bf16-autocast", "fp32-compiled", "fp32-dp-sgd")
 T = TypeVar("T")
 
 
@@ -216,7 +216,8 @@ def training_throughput(
 ) -> tuple[float, float]:
     """(tokens/s, warm-up seconds) of the shared training loop on random tokens; 2 warm-up steps first.
 
-    setting: fp32 | bf16-autocast | fp32-compiled (torch.compile; its compilation is in the warm-up).
+    setting: fp32 | bf16-autocast | fp32-compiled (torch.compile; its compilation is in the warm-up) |
+    fp32-dp-sgd (a record-level DP node's step: per-example gradients, clip, noise; the whole batch sampled).
     """
     torch.manual_seed(0)
     model = GPT(gpt_config(preset, vocab, seq_len))
@@ -227,15 +228,20 @@ def training_throughput(
         return x[:, :-1], x[:, 1:]
 
     step_model = torch.compile(model) if setting == "fp32-compiled" else model
+    private = None
+    if setting == "fp32-dp-sgd":  # the DP-SGD step of a DP node (issue 16): its cost against plain fp32
+        from worldlm.record_dp import RecordDP
+
+        private = RecordDP(1.0, 1.0, batch, 1.0, seed=0).backward
     bf16 = setting == "bf16-autocast"
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     schedule = Schedule(1e-3, 0.1, 1, steps + 2)
     with _threads(threads), autocast:
         t0 = time.perf_counter()
-        train_steps(step_model, opt, batch_fn, schedule, 0, 2, 1.0)
+        train_steps(step_model, opt, batch_fn, schedule, 0, 2, 1.0, private=private)
         warmup = time.perf_counter() - t0
         t0 = time.perf_counter()
-        stats = train_steps(step_model, opt, batch_fn, schedule, 2, steps, 1.0)
+        stats = train_steps(step_model, opt, batch_fn, schedule, 2, steps, 1.0, private=private)
     return stats.tokens / (time.perf_counter() - t0), warmup
 
 
