@@ -80,6 +80,8 @@ def test_inprocess_messages_equal_local_runner_bitwise(data: Path, local_worldlm
         ("hierfavg", ["train.rounds=1"]),  # deliverable: the root's model on every node, and each node's + ft
         ("fedper", ["eval.model=deployed", "train.rounds=1"]),  # keys stay home; deployed models go top-down
         ("worldlm", ["federation.sub_rounds=2", "train.rounds=1", "federation.route_to_origin=true"]),
+        # issue 16: record-level DP-SGD at a DP node (its accountant, noise generator and sampler between messages)
+        ("worldlm", ["dp.nodes=['fr']", 'dp.unit="record"', "train.rounds=2"]),
         # issue 15: the nodes keep their reference keys and outlier counts between messages
         (
             "worldlm",
@@ -204,7 +206,7 @@ def test_node_private_state_round_trips(data: Path, tmp_path: Path) -> None:
     ("method", "sets", "message"),
     [
         ("centralized", [], "pools"),
-        ("worldlm", ["dp.nodes=['fr']"], "differential privacy"),
+        ("worldlm", ["dp.nodes=['fr']"], "node-level differential privacy"),
         ("worldlm", ['federation.schedule="parallel"'], "parallel"),
         ("fl", ["eval.trace_round=0"], "trace_round"),
     ],

@@ -28,7 +28,7 @@ from worldlm.evaluate import evaluate
 from worldlm.federation.privacy import Privacy
 from worldlm.federation.worldlm import run_round
 from worldlm.io import JsonlWriter, atomic_write_bytes, atomic_write_json, atomic_write_text
-from worldlm.record_dp import PoissonWindows, RecordDP
+from worldlm.record_dp import PoissonWindows
 from worldlm.runners.checkpoint import CannotResume, Part, Snapshot, load_latest, save_checkpoint
 from worldlm.runners.node_state import DiskStates, HostStates, NodeStates, encode_state, load_state
 from worldlm.runners.planning import (
@@ -48,6 +48,8 @@ from worldlm.runners.records import (
     all_diverged,
     diverged_message,
     eval_record,
+    record_dp_record,
+    record_privacy_summary,
     run_summary,
     trace_record,
     train_record,
@@ -352,7 +354,7 @@ class LocalRun:
                             with phase("privacy"):
                                 self._end_privacy_round(privacy, rnd)
                     for name, dp_sgd in self.trainer.private.items():  # record-level DP: epsilon so far
-                        self._write({"event": "privacy", "round": rnd, "node": name, **self._record_dp(dp_sgd)})
+                        self._write(record_dp_record(rnd, name, dp_sgd, self.cfg.dp.delta))
                     diverged = all_diverged(self.round_losses)
                     if self.cfg.eval.every_round or diverged or rnd == self.rounds - 1:
                         with phase("evaluation"):
@@ -421,35 +423,13 @@ class LocalRun:
         )
         return {**summary, **self._privacy_summary()}
 
-    def _record_dp(self, dp_sgd: RecordDP) -> dict[str, Any]:
-        return {
-            "unit": "record",
-            "epsilon": dp_sgd.epsilon(self.cfg.dp.delta),
-            "delta": self.cfg.dp.delta,
-            "noise_multiplier": dp_sgd.noise_multiplier,
-            "sample_rate": dp_sgd.sample_rate,
-            "steps": sum(n for _, _, n in dp_sgd.accountant.history),
-            "stopped": dp_sgd.stopped,
-        }
-
     def _privacy_summary(self) -> dict[str, Any]:
         """DP runs only (DESIGN §4 run directory contract): epsilon per DP node at the configured delta."""
         if self.trainer.private:
-            per = {name: self._record_dp(dp_sgd) for name, dp_sgd in self.trainer.private.items()}
-            return {
-                "privacy": {
-                    "unit": "record",
-                    "delta": self.cfg.dp.delta,
-                    "epsilon": {n: r["epsilon"] for n, r in per.items()},
-                    "target_epsilon": self.cfg.dp.target_epsilon,
-                    "max_grad_norm": self.cfg.dp.max_grad_norm,
-                    "noise_multiplier": {n: r["noise_multiplier"] for n, r in per.items()},
-                    "sample_rate": {n: r["sample_rate"] for n, r in per.items()},
-                    "steps": {n: r["steps"] for n, r in per.items()},
-                    "stopped": sorted(n for n, r in per.items() if r["stopped"]),
-                    "accountant": "Opacus RDP, Poisson-subsampled Gaussian per DP-SGD step, a record = one window",
-                }
+            latest = {
+                n: record_dp_record(self.round - 1, n, dp, self.cfg.dp.delta) for n, dp in self.trainer.private.items()
             }
+            return record_privacy_summary(self.cfg, latest)
         if not self.privacy:
             return {}
         privs = list(self.privacy.values())

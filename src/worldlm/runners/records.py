@@ -10,6 +10,7 @@ import numpy as np
 
 from worldlm import config as C
 from worldlm.federation.worldlm import BYTES_PER_VALUE
+from worldlm.record_dp import RecordDP
 from worldlm.train import TrainStats
 
 
@@ -147,3 +148,37 @@ def run_summary(
     if diverged_round is not None:
         summary["diverged_round"] = diverged_round
     return summary
+
+
+def record_dp_record(rnd: int, node: str, dp_sgd: RecordDP, delta: float) -> dict[str, Any]:
+    """A record-level DP node's `privacy` record: ε so far at δ (Opacus RDP), its σ, q and steps (every runner)."""
+    return {
+        "event": "privacy",
+        "round": rnd,
+        "node": node,
+        "unit": "record",
+        "epsilon": dp_sgd.epsilon(delta),
+        "delta": delta,
+        "noise_multiplier": dp_sgd.noise_multiplier,
+        "sample_rate": dp_sgd.sample_rate,
+        "steps": sum(n for _, _, n in dp_sgd.accountant.history),
+        "stopped": dp_sgd.stopped,
+    }
+
+
+def record_privacy_summary(cfg: C.Config, latest: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """summary.json's `privacy` of a record-level DP run from each DP node's latest `privacy` record."""
+    return {
+        "privacy": {
+            "unit": "record",
+            "delta": cfg.dp.delta,
+            "epsilon": {n: r["epsilon"] for n, r in latest.items()},
+            "target_epsilon": cfg.dp.target_epsilon,
+            "max_grad_norm": cfg.dp.max_grad_norm,
+            "noise_multiplier": {n: r["noise_multiplier"] for n, r in latest.items()},
+            "sample_rate": {n: r["sample_rate"] for n, r in latest.items()},
+            "steps": {n: r["steps"] for n, r in latest.items()},
+            "stopped": sorted(n for n, r in latest.items() if r["stopped"]),
+            "accountant": "Opacus RDP, Poisson-subsampled Gaussian per DP-SGD step, a record = one window",
+        }
+    }

@@ -47,7 +47,7 @@ from worldlm.runners.planning import (
     train_tokens,
     tree_from_config,
 )
-from worldlm.runners.records import all_diverged, diverged_message, eval_record, run_summary
+from worldlm.runners.records import all_diverged, diverged_message, eval_record, record_privacy_summary, run_summary
 from worldlm.tensorboard import metrics_writer
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -316,6 +316,7 @@ class Coordinator:
         self.dispatcher = Dispatcher(grid, self._resolve, timeout, self._missing)
         self.edge_bytes: dict[str, int] = {}
         self.metrics: JsonlWriter | None = None
+        self.record_dp: dict[str, dict[str, Any]] = {}  # record-level DP nodes' latest privacy records
         self.trained = 0  # train.visit replies this round
         self.round_losses: list[float] = []  # training losses the nodes reported this round
 
@@ -340,6 +341,8 @@ class Coordinator:
     def _node_log(self, reply: Message) -> None:
         for record in wire.json_from(reply.content, "log") or []:
             self._write(record)
+            if record.get("event") == "privacy" and record.get("unit") == "record":
+                self.record_dp[str(record["node"])] = record  # the latest: summary.json's privacy
             if record.get("split") == "train":
                 self.round_losses.append(float(record["loss"]))
             for event in step_events(record, self.feds_steps, self.cfg):
@@ -538,6 +541,9 @@ class Coordinator:
             raise WorldLMError("no node answered the final evaluation; no summary")
         planned, rounds, tokens = done
         progress = (planned, self.per_round * rounds, tokens)
-        return run_summary(
+        summary = run_summary(
             self.cfg, self.tree.order, test, val, self.edge_bytes, progress, (params, kb), wall, diverged, fine_tuned
         )
+        if self.record_dp:
+            summary |= record_privacy_summary(self.cfg, self.record_dp)
+        return summary

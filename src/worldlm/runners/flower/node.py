@@ -52,19 +52,21 @@ from worldlm.federation.worldlm import (
     start_visit,
 )
 from worldlm.io import atomic_write_bytes
+from worldlm.record_dp import PoissonWindows
 from worldlm.runners.checkpoint import Part
 from worldlm.runners.flower import wire
 from worldlm.runners.node_state import adam_part, encode_state, load_adam, load_state
 from worldlm.runners.planning import (
     Federation,
     initial_state,
+    make_record_dp,
     node_sampler,
     server_opt_for,
     set_up,
     tree_from_config,
     update_scale,
 )
-from worldlm.runners.records import train_record
+from worldlm.runners.records import record_dp_record, train_record
 from worldlm.runners.trainer import LocalTrainer
 from worldlm.train import TrainStats
 
@@ -78,10 +80,10 @@ def check_supported(cfg: C.Config) -> None:
             "method 'centralized' pools every node's raw text in one place, which a federation never does; "
             "run it with the in-process runner (worldlm train CONFIG) as the reference it is"
         )
-    if C.dp_nodes(cfg):
+    if C.dp_nodes(cfg) and cfg.dp.unit == "node":
         raise WorldLMError(
-            "differential privacy (dp nodes) is not available on the Flower runner yet; "
-            "run DP configs with the in-process runner"
+            "node-level differential privacy (dp.unit = 'node') is not available on the Flower runner yet; "
+            "run it with the in-process runner, or use record-level DP (dp.unit = 'record')"
         )
     if C.is_hierarchy(cfg) and cfg.federation.schedule == "parallel":
         raise WorldLMError(
@@ -141,7 +143,7 @@ class NodeSide:
         self.data = load_prepared(data_path or cfg.data.path)
         setup = set_up(cfg, self.data)  # every node builds the same initial model as the in-process runner
         self.spans, self.model, self.layout, self.feds = setup.spans, setup.model, setup.layout, setup.feds
-        self.schedule, self.client = setup.schedule, setup.client
+        self.schedule, self.client, self.rounds = setup.schedule, setup.client, setup.rounds
         self.compute, self.forward = setup.compute, setup.forward
         self.init = self.layout.flatten(self.model)
         self.engine: dict[str, Federation] = {
@@ -169,14 +171,18 @@ class NodeSide:
             node = fed.tree[name]
             self.hosted[name] = Hosted(fed, name, initial_state(self.cfg, fed, name, self.init))
             if node.trains:
-                self.trainer.add_node(name, node_sampler(self.cfg, self.data, fed, name), update_scale(self.cfg, name))
+                sampler = node_sampler(self.cfg, self.data, fed, name)
+                private = None
+                if isinstance(sampler, PoissonWindows):  # dp.unit = "record": DP-SGD at this node
+                    private = make_record_dp(self.cfg, fed, name, sampler, self.rounds)
+                self.trainer.add_node(name, sampler, update_scale(self.cfg, name), private)
 
     def dump(self) -> bytes:
         """All private state as one safetensors blob: each hosted node's state and AdamW moments as the
         in-process runner checkpoints them (`encode_state`, `adam_part`), plus what only a Flower node
         keeps (its outbox of residuals for the parent, sampler positions)."""
         tensors: dict[str, Tensor] = {}
-        meta: dict[str, Any] = {"states": {}, "outbox": {}}
+        meta: dict[str, Any] = {"states": {}, "outbox": {}, "record_dp": {}}
         for name, h in self.hosted.items():
             part = encode_state(h.state)
             tensors.update({f"{name}/state/{k}": v for k, v in part.tensors.items()})
@@ -186,6 +192,9 @@ class NodeSide:
         for name, opt in self.trainer.opts.items():
             tensors.update({f"adam/{name}/{k}": v for k, v in adam_part(opt).tensors.items()})
         meta["samplers"] = {name: s.state() for name, s in self.trainer.samplers.items()}
+        for name, dp_sgd in self.trainer.private.items():  # DP-SGD noise generator and accountant history
+            dp_tensors, meta["record_dp"][name] = dp_sgd.state_dict()
+            tensors.update({f"record-dp/{name}/{k}": v for k, v in dp_tensors.items()})
         header = {"meta": json.dumps(meta)}
         try:
             return save_safetensors({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=header)
@@ -214,6 +223,8 @@ class NodeSide:
             load_adam(opt, Part(prefixed(f"adam/{name}/"), {}))
         for name, sampler in self.trainer.samplers.items():
             sampler.set_state(meta["samplers"][name])
+        for name, dp_sgd in self.trainer.private.items():
+            dp_sgd.load_state_dict(prefixed(f"record-dp/{name}/"), meta["record_dp"][name])
 
     # ------------------------------------------------------------------ handlers
 
@@ -259,6 +270,8 @@ class NodeSide:
             stats = self.last_stats
             assert stats is not None
             log.append(train_record(rnd, tree[node].level, node, step + n_steps, stats))
+            if node in self.trainer.private:  # record-level DP: epsilon so far
+                log.append(record_dp_record(rnd, node, self.trainer.private[node], self.cfg.dp.delta))
         reply = RecordDict()
         children = list(tree[node].children)
         if not children:  # a leaf's visit ends here: its update goes up
