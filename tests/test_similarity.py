@@ -400,4 +400,4 @@ set = ['attack.nodes=["fr"]', 'attack.kind="scaled_update"', "attack.scale=-10.0
     fr = report["variants"]["noise"]["attention"]
     want = sum(1 for e in flagged if e["node"] == "fr-it" and e["member"] == "fr")
     assert next(r for r in fr if r["edge"] == "fr-it → fr")["outlier_rounds"] == want
-    assert "nodes that no variant attacks" in md and "| fr-it → fr |" in md
+    assert "nodes that no variant attacks or privatises" in md and "| fr-it → fr |" in md

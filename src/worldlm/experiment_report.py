@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from worldlm import config as C
 from worldlm import plots
 from worldlm.experiments import Experiment, RunSpec, is_complete
 from worldlm.io import atomic_write_json, atomic_write_text
@@ -504,12 +505,13 @@ def _variant_md(name: str, v: dict[str, Any], n_seeds: int) -> list[str]:
 
 
 def _clean_md(stats: dict[str, dict[str, Any]]) -> list[str]:
-    """With poisoned nodes in the experiment: the mean over the nodes no variant attacks."""
+    """With poisoned or DP nodes in the experiment: the mean over the nodes no variant attacks or privatises."""
     clean = {m: s["mean_ppl_clean"] for m, s in stats.items() if s.get("mean_ppl_clean") is not None}
     if not clean:
         return []
     cells = ", ".join(f"{m} **{_ppl(x)}**" for m, x in clean.items())
-    return ["", f"Mean test perplexity over the nodes that no variant attacks (mean over seeds): {cells}."]
+    what = "Mean test perplexity over the nodes that no variant attacks or privatises (mean over seeds)"
+    return ["", f"{what}: {cells}."]
 
 
 def _attention_md(rows: list[dict[str, Any]]) -> list[str]:
@@ -632,7 +634,8 @@ def write_report(exp: Experiment, specs: list[RunSpec], out_dir: Path, command: 
     for r in complete:
         runs[(r.spec.variant, r.spec.method)].append(r)
     first_spec = {v: next(s for s in specs if s.variant == v) for v in exp.variants}
-    attacked = frozenset(n for s in specs for n in s.cfg.attack.nodes)
+    # nodes some variant poisons or privatises: the others' mean is the like-for-like comparison across variants
+    attacked = frozenset(n for s in specs for n in [*s.cfg.attack.nodes, *C.dp_nodes(s.cfg)])
     mixtures = mixture_files(exp, first_spec, out_dir)
     variants = {}
     for v in exp.variants.values():
