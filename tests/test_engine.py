@@ -297,6 +297,9 @@ def test_a_parent_routes_with_the_keys_it_received_not_the_childs_own_state() ->
             split.keys(sent).add_(shift)
             return Update(sent, update.residuals)
 
+        def combine(self, parent: str, senders: object, updates: list[Update], *_: object) -> list[Update]:
+            return list(updates)
+
     opts = FedOptions(local_steps={n: 1 for n in TREE.order}, nu=1)
     events: list[dict[str, object]] = []
     trainer = FakeTrainer(size + n_pos * d, scale=1.0)

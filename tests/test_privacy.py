@@ -212,6 +212,9 @@ class Spy:
         self.calls.append((node, update, out))
         return out
 
+    def combine(self, parent: str, senders: list[str], updates: list[Update], *rest: object) -> list[Update]:
+        return self.inner.combine(parent, senders, updates, *rest)  # type: ignore[arg-type]
+
 
 def one_round(privacy: Spy | None, opts: FedOptions) -> tuple[dict[str, NodeState], list[dict[str, object]]]:
     states = states_for(TREE, SIZE, ServerOptConfig(kind="fedavg"))
@@ -435,3 +438,51 @@ def test_privacy_state_dict_round_trip_continues_identically(clip: str) -> None:
     for r in (1, 2):
         assert all(torch.equal(x, y) for x, y in zip(step(first, r), step(second, r), strict=True))
     assert first.clip == second.clip and first.epsilon("a") == second.epsilon("a")
+
+
+# ---------------------------------------------------------------------------- central noise (issue 16 item 3)
+
+
+def test_central_noise_is_one_draw_on_the_sum_of_clipped_updates() -> None:
+    settings = DPSettings(sigma=0.5, clip="fixed", initial_clip=1.0, noise="central")
+    priv = Privacy(settings, {"a": "P", "b": "P"}, {"a": 1, "b": 2}, {"P": 7})
+    sent = torch.zeros(SIZE, dtype=torch.float64)
+    raw = {"a": update_with_norm(sent, 3.0, seed=0), "b": update_with_norm(sent, 0.5, seed=1)}
+    released = {n: priv.release(n, u, sent, SPLIT, share_keys=True) for n, u in raw.items()}
+    # a DP child sends its clipped update only (no noise of its own): a clipped to 1, b under the bound
+    assert released["a"] is not None and released["b"] is not None
+    torch.testing.assert_close(released["a"].params, raw["a"].params / 3.0)
+    torch.testing.assert_close(released["b"].params, raw["b"].params)
+    other = Update(torch.full((SIZE,), 9.0, dtype=torch.float64), [])  # a non-DP sibling passes untouched
+    out = priv.combine("P", ["a", "c", "b"], [released["a"], other, released["b"]], sent, SPLIT, True)
+    noise = 0.5 * torch.randn(SIZE, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    group = (raw["a"].params / 3.0 + raw["b"].params + noise) / 2  # (Σ clip(d_i) + N(0, σ²C²)) / n
+    torch.testing.assert_close(out[0].params, group)
+    torch.testing.assert_close(out[2].params, group)
+    assert out[1] is other
+    # accounting: each DP child ran one Gaussian mechanism with multiplier σ, as under local noise
+    local = privacy_for({"a": "P"}, sigma=0.5, clip="fixed", initial_clip=1.0)
+    local.release("a", raw["a"], sent, SPLIT, share_keys=True)
+    assert priv.epsilon("a") == pytest.approx(local.epsilon("a"))
+
+
+def test_central_noise_needs_leaf_dp_nodes_and_runs(tmp_path: Path) -> None:
+    data = make_prepared(tmp_path / "data")
+    cfg = tiny_config(tmp_path, data)
+    with pytest.raises(ConfigError, match=r"dp\.noise = 'central' needs DP nodes that are leaves, but fr-it"):
+        load_config(cfg, ["dp.nodes=['fr-it']", 'dp.noise="central"'])
+    out = tmp_path / "central"
+    args = [
+        "train",
+        str(cfg),
+        "--out",
+        str(out),
+        "--quiet",
+        "--set",
+        "dp.nodes=['fr', 'it']",
+        "--set",
+        'dp.noise="central"',
+    ]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["privacy"]["epsilon"]) == {"fr", "it"} and summary["privacy"]["epsilon"]["fr"] > 0

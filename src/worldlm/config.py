@@ -185,6 +185,9 @@ class DPConfig:
     # Poisson sampling, the noise multiplier calibrated so epsilon reaches target_epsilon at delta after the
     # node's planned steps; record_dp.py).
     unit: str = "node"
+    # unit "node": "local" = each DP node adds the noise itself (trusts nobody); "central" = it sends its clipped
+    # update and its parent adds the noise once to the sum of its DP children's (trusts its parent).
+    noise: str = "local"
     max_grad_norm: float = 1.0
     target_epsilon: float = 8.0
 
@@ -486,6 +489,16 @@ def _validate_dp(cfg: Config) -> None:
     for name in dp.nodes:
         _check(name in names, f"dp.nodes names '{name}', which is not a tree node{_suggest(name, names)}")
     _check(dp.unit in DP_UNITS, f"dp.unit '{dp.unit}' is unknown{_suggest(dp.unit, DP_UNITS)}")
+    _check(dp.noise in ("local", "central"), f"dp.noise must be local or central, got '{dp.noise}'")
+    if dp.noise == "central" and cfg.method in HIERARCHY_METHODS:
+        inner = sorted(
+            n.name for n in cfg.tree.nodes if n.name in dp_nodes(cfg) and n.name in {m.parent for m in cfg.tree.nodes}
+        )
+        _check(
+            not inner,
+            f"dp.noise = 'central' needs DP nodes that are leaves, but {', '.join(inner)} send residuals up; "
+            "use dp.noise = 'local' for inner DP nodes",
+        )
     _check(dp.max_grad_norm > 0, f"dp.max_grad_norm must be > 0, got {dp.max_grad_norm}")
     _check(dp.target_epsilon > 0, f"dp.target_epsilon must be > 0, got {dp.target_epsilon}")
     root = next((n.name for n in cfg.tree.nodes if not n.parent), None)
@@ -596,6 +609,7 @@ ADDED_KEYS: dict[tuple[str, str], Any] = {
     ("train", "compile"): False,
     # issue 16: DP runs before it were node-level ([dp] is written only when set)
     ("dp", "unit"): "node",
+    ("dp", "noise"): "local",
     ("dp", "max_grad_norm"): 1.0,
     ("dp", "target_epsilon"): 8.0,
 }

@@ -58,6 +58,7 @@ __all__ = [
 ]
 
 CLIP_RULES = ("median", "adaptive", "fixed")
+NOISE = ("local", "central")
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,11 @@ class DPSettings:
     target_quantile: float = 0.5  # adaptive: γ, the fraction of updates meant to fall under C
     clip_lr: float = 0.2  # adaptive: η_C of the geometric update
     bit_sigma: float = 0.5  # adaptive: σ_b, std of the noise on each node's centred clip bit
+    noise: str = "local"  # local: each DP node noises its own release; central: its parent noises their sum
 
     def __post_init__(self) -> None:
+        if self.noise not in NOISE:
+            raise ValueError(f"dp.noise must be one of {', '.join(NOISE)}, got {self.noise!r}")
         if self.clip not in CLIP_RULES:
             raise ValueError(f"dp.clip must be one of {', '.join(CLIP_RULES)}, got {self.clip!r}")
         if not (self.sigma > 0 and math.isfinite(self.sigma)):
@@ -197,11 +201,24 @@ class Privacy:
     `end_round` after every global round and checkpoints `state_dict`.
     """
 
-    def __init__(self, settings: DPSettings, parents: Mapping[str, str], seeds: Mapping[str, int]) -> None:
-        """`parents`: DP node -> its parent; `seeds`: DP node -> seed of its noise generator."""
+    def __init__(
+        self,
+        settings: DPSettings,
+        parents: Mapping[str, str],
+        seeds: Mapping[str, int],
+        parent_seeds: Mapping[str, int] | None = None,
+    ) -> None:
+        """`parents`: DP node -> its parent; `seeds`: DP node -> seed of its noise generator; `parent_seeds`:
+        parent -> seed of the generator it draws the central noise from (dp.noise = "central")."""
         self.settings = settings
         self.parents = dict(parents)
         self.generators = {n: torch.Generator().manual_seed(seeds[n]) for n in self.parents}
+        central = settings.noise == "central"
+        self.central_generators = (
+            {p: torch.Generator().manual_seed((parent_seeds or {})[p]) for p in set(self.parents.values())}
+            if central
+            else {}
+        )
         self.accountants = {n: Accountant() for n in self.parents}
         self.releases = dict.fromkeys(self.parents, 0)
         self.clip = {p: settings.initial_clip for p in set(self.parents.values())}  # C per parent
@@ -244,7 +261,10 @@ class Privacy:
         parent, gen = self.parents[node], self.generators[node]
         bound = self.clip[parent]
         diff = message_difference(update, received, split, share_keys)
-        private, norm = privatize_vector(diff, bound, s.sigma, gen)
+        if s.noise == "central":  # clipped only: the parent noises the sum of its DP children's (`combine`)
+            private, norm = clip_to_norm(diff, bound)
+        else:
+            private, norm = privatize_vector(diff, bound, s.sigma, gen)
         self._norms[parent].append(norm)
         if s.clip == "adaptive":  # Andrew et al. 2021, Alg. 1: noisy indicator of "under the bound"
             bit = (1.0 if norm <= bound else 0.0) - 0.5
@@ -255,6 +275,38 @@ class Privacy:
         self.releases[node] += 1
         self.last_clip[node] = bound
         return apply_difference(update, received, private, split, share_keys)
+
+    def combine(
+        self,
+        parent: str,
+        senders: Sequence[str],
+        updates: Sequence[Update],
+        sent: Tensor,
+        split: Split,
+        share_keys: bool,
+    ) -> list[Update]:
+        """dp.noise = "central" at `parent` (as DP-FedAvg's and Flower's server-side wrappers do): its DP
+        children's clipped releases become one noised mean, (Σ clip(d_i) + N(0, σ²C²)) / n, which replaces
+        each of them (so no single DP child's update is used or passed on); local noise: `updates` unchanged.
+
+        `sent`: the parent's state its children received. The sum has L2 sensitivity C per DP child, so each
+        DP child's release is still one Gaussian mechanism with noise multiplier σ in its accountant; the
+        trust differs: the DP children trust their parent with their clipped updates.
+        """
+        dp = [i for i, s in enumerate(senders) if self.parents.get(s) == parent]
+        if self.settings.noise != "central" or not dp:
+            return list(updates)
+        if any(updates[i].residuals for i in dp):
+            raise ValueError("central DP noise needs DP nodes without residuals to send up (leaves)")
+        total = sum(message_difference(updates[i], sent, split, share_keys) for i in dp)
+        assert isinstance(total, Tensor)
+        gen = self.central_generators[parent]
+        noise = torch.randn(total.shape, generator=gen, dtype=total.dtype) * (self.settings.sigma * self.clip[parent])
+        group = apply_difference(updates[dp[0]], sent, (total + noise) / len(dp), split, share_keys)
+        out = list(updates)
+        for i in dp:
+            out[i] = Update(group.params.clone(), [])
+        return out
 
     def end_round(self) -> None:
         """Set every parent's bound for the next round from this round's releases (paper §4.2 / Andrew et al.)."""
@@ -291,6 +343,7 @@ class Privacy:
     def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """(tensors: noise generator states, JSON-able rest: ledgers, bounds, counters)."""
         tensors = {f"gen/{n}": g.get_state() for n, g in self.generators.items()}
+        tensors.update({f"gen-central/{p}": g.get_state() for p, g in self.central_generators.items()})
         state: dict[str, Any] = {
             "ledger": {n: [list(e) for e in a.ledger] for n, a in self.accountants.items()},
             "releases": self.releases,
@@ -305,6 +358,8 @@ class Privacy:
     def load_state_dict(self, tensors: Mapping[str, Tensor], state: Mapping[str, Any]) -> None:
         for n, g in self.generators.items():
             g.set_state(tensors[f"gen/{n}"].clone())
+        for p, g in self.central_generators.items():
+            g.set_state(tensors[f"gen-central/{p}"].clone())
         for n, a in self.accountants.items():
             a.ledger = [(float(z), int(c)) for z, c in state["ledger"][n]]
         self.releases = {n: int(state["releases"][n]) for n in self.parents}

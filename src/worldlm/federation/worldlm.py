@@ -13,7 +13,7 @@ callback. Baselines are configurations of this same round (DESIGN §2):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -122,6 +122,17 @@ class Privatizer(Protocol):
 
     def release(self, node: str, update: Update, received: Tensor, split: Split, share_keys: bool) -> Update | None:
         """The message `node` sends instead of `update` (`received`: its parent's state this visit); None: none."""
+
+    def combine(
+        self,
+        parent: str,
+        senders: Sequence[str],
+        updates: Sequence[Update],
+        sent: Tensor,
+        split: Split,
+        share_keys: bool,
+    ) -> list[Update]:
+        """What `parent` aggregates of its children's messages (central DP noise; else `updates` as they are)."""
 
 
 def _uses_keys(split: Split, opts: FedOptions) -> bool:
@@ -520,6 +531,9 @@ def run_round(
                 st.params = own if own is not None else st.params
                 continue
             assert st.server_opt is not None, f"inner node {q} has no server optimizer"
+            if privacy is not None:  # dp.noise = "central": q noises its DP children's sum (§4.2 variant)
+                with phase("privacy"):
+                    updates = privacy.combine(q, senders, updates, st.params, split, _uses_keys(split, opts))
             with phase("aggregation"):
                 picked, weights, to_parent, outliers = aggregate_step(
                     st, updates, senders, q == tree.root, split, opts, own

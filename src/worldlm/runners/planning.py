@@ -74,8 +74,10 @@ def make_privacy(cfg: C.Config, fed: Federation) -> Privacy | None:
         target_quantile=d.target_quantile,
         clip_lr=d.clip_lr,
         bit_sigma=d.bit_sigma,
+        noise=d.noise,
     )
-    return Privacy(settings, parents, {n: node_seed(cfg.seed, f"dp-noise/{n}") for n in parents})
+    seeds = {n: node_seed(cfg.seed, f"dp-noise/{n}") for n in parents}
+    return Privacy(settings, parents, seeds, {p: node_seed(cfg.seed, f"dp-central/{p}") for p in set(parents.values())})
 
 
 def make_record_dp(cfg: C.Config, fed: Federation, name: str, sampler: PoissonWindows, rounds: int) -> RecordDP:
