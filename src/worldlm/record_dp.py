@@ -129,14 +129,16 @@ class RecordDP:
     def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> float:
         """Set every parameter's .grad to the privatised gradient of this Poisson sample; return its mean loss.
 
-        Past the ε budget no gradient is set (AdamW then leaves the parameters as they are) and the loss is NaN.
+        Past the ε budget no gradient is set (AdamW then leaves the parameters as they are); the loss is the
+        model's on the sample, as it stands.
         """
         named = list(model.named_parameters())
         if self.budget > 0 and (self.stopped or self._epsilon_after_one_more() > self.budget):
             self.stopped = True
             for _, p in named:
                 p.grad = None
-            return float("nan")
+            with torch.no_grad():
+                return float(model(x, y)) if x.shape[0] else float("nan")
         if x.shape[0]:
             grads, losses = per_example_grads(model, x, y)
             sq = sum(g.reshape(g.shape[0], -1).square().sum(dim=1) for g in grads.values())
