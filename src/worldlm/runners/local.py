@@ -28,21 +28,18 @@ from worldlm.evaluate import evaluate
 from worldlm.federation.privacy import Privacy
 from worldlm.federation.worldlm import run_round
 from worldlm.io import JsonlWriter, atomic_write_bytes, atomic_write_json, atomic_write_text
-from worldlm.record_dp import PoissonWindows
 from worldlm.runners.checkpoint import CannotResume, Part, Snapshot, load_latest, save_checkpoint
 from worldlm.runners.node_state import DiskStates, HostStates, NodeStates, encode_state, load_state
 from worldlm.runners.planning import (
     initial_state,
     make_privacy,
-    make_record_dp,
-    node_sampler,
     personal_models,
     server_opt_for,
     set_up,
     stages_per_round,
     steps_per_round,
     train_tokens,
-    update_scale,
+    training_node,
 )
 from worldlm.runners.records import (
     all_diverged,
@@ -130,11 +127,7 @@ class LocalRun:
                 fed.states[name] = initial_state(self.cfg, fed, name, init)
                 fed.states.release(name)
                 if node.trains:
-                    sampler = node_sampler(self.cfg, self.data, fed, name)
-                    private = None
-                    if isinstance(sampler, PoissonWindows):  # dp.unit = "record": DP-SGD at this node
-                        private = make_record_dp(self.cfg, fed, name, sampler, self.rounds)
-                    self.trainer.add_node(name, sampler, update_scale(self.cfg, name), private)
+                    self.trainer.add_node(name, *training_node(self.cfg, self.data, fed, name, self.rounds))
 
     # ------------------------------------------------------------------ observability
 

@@ -228,6 +228,16 @@ def node_sampler(cfg: C.Config, data: Prepared, fed: Federation, name: str) -> B
     return BatchSampler(data, fed.spans[name], cfg.model.seq_len, cfg.train.batch_size, seed, noise)
 
 
+def training_node(
+    cfg: C.Config, data: Prepared, fed: Federation, name: str, rounds: int
+) -> tuple[BatchSampler | PoissonWindows, float, RecordDP | None]:
+    """What a runner's trainer needs for a training node (LocalTrainer.add_node's arguments, every runner):
+    its sampler, its update scale (attack.scale) and, for a record-level DP node, its DP-SGD state."""
+    sampler = node_sampler(cfg, data, fed, name)
+    private = make_record_dp(cfg, fed, name, sampler, rounds) if isinstance(sampler, PoissonWindows) else None
+    return sampler, update_scale(cfg, name), private
+
+
 def update_scale(cfg: C.Config, name: str) -> float:
     """What a node's local training change is multiplied by: attack.scale under "scaled_update", else 1."""
     return cfg.attack.scale if C.attacked(cfg, name, "scaled_update") else 1.0

@@ -52,19 +52,16 @@ from worldlm.federation.worldlm import (
     start_visit,
 )
 from worldlm.io import atomic_write_bytes
-from worldlm.record_dp import PoissonWindows
 from worldlm.runners.checkpoint import Part
 from worldlm.runners.flower import wire
 from worldlm.runners.node_state import adam_part, encode_state, load_adam, load_state
 from worldlm.runners.planning import (
     Federation,
     initial_state,
-    make_record_dp,
-    node_sampler,
     server_opt_for,
     set_up,
+    training_node,
     tree_from_config,
-    update_scale,
 )
 from worldlm.runners.records import record_dp_record, train_record
 from worldlm.runners.trainer import LocalTrainer
@@ -171,11 +168,7 @@ class NodeSide:
             node = fed.tree[name]
             self.hosted[name] = Hosted(fed, name, initial_state(self.cfg, fed, name, self.init))
             if node.trains:
-                sampler = node_sampler(self.cfg, self.data, fed, name)
-                private = None
-                if isinstance(sampler, PoissonWindows):  # dp.unit = "record": DP-SGD at this node
-                    private = make_record_dp(self.cfg, fed, name, sampler, self.rounds)
-                self.trainer.add_node(name, sampler, update_scale(self.cfg, name), private)
+                self.trainer.add_node(name, *training_node(self.cfg, self.data, fed, name, self.rounds))
 
     def dump(self) -> bytes:
         """All private state as one safetensors blob: each hosted node's state and AdamW moments as the
