@@ -6,10 +6,13 @@ roots, duplicate names, a node without data) into one `ConfigError` line.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from worldlm.errors import ConfigError
+
+NAME = re.compile(r"[A-Za-z0-9_.-]+")  # node names: no '#' (region aliases), '/', '@', ':', '>' (message keys)
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,12 @@ def build_tree(specs: Sequence[NodeSpec]) -> Tree:
     for s in specs:
         if not s.name:
             raise ConfigError("a tree node has an empty name; give every [[tree.nodes]] a unique name")
+    for s in specs:
+        if not NAME.fullmatch(s.name):
+            raise ConfigError(
+                f"tree node name '{s.name}' has characters other than letters, digits, '_', '.' and '-'; "
+                "rename it (names appear in file names, edges 'a->b' and messages)"
+            )
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"duplicate tree node name(s): {', '.join(dupes)}; node names must be unique")

@@ -24,6 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from worldlm.runners.flower import quiet_flower_env
 from worldlm.runners.flower.coordinator import Coordinator, ProgressFn
+from worldlm.runners.flower.nested import forward
 from worldlm.runners.flower.node import config_from_text, handle
 
 quiet_flower_env()
@@ -35,6 +36,10 @@ def make_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
 
     def handler(kind: str) -> Any:
         def fn(msg: Message, context: Context) -> Message:
+            bridge = context.node_config.get("bridge")
+            if bridge:  # nested: this SuperNode stands for a region whose own coordinator does the work
+                wait = float(context.node_config.get("bridge-wait", 300.0))
+                return Message(forward(str(bridge), msg.metadata.message_type, msg.content, wait), reply_to=msg)
             return Message(handle(kind, msg.content, context, settings), reply_to=msg)
 
         return fn
@@ -43,6 +48,9 @@ def make_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
     app.train("visit")(handler("visit"))
     app.train("aggregate")(handler("aggregate"))
     app.evaluate()(handler("evaluate"))
+    for register in (app.train, app.evaluate):  # a bridge's messages (nested deployments)
+        register("subtree")(handler("subtree"))
+    app.query("finish")(handler("finish"))
     return app
 
 

@@ -19,9 +19,10 @@ node-name they report, every round, so a restarted SuperNode rejoins at the next
 
 from __future__ import annotations
 
+import math
 import sys
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -38,7 +39,8 @@ from worldlm.federation.worldlm import Split, edge_event, sequential_span
 from worldlm.io import JsonlWriter, atomic_write_json, atomic_write_text
 from worldlm.model import ParamLayout
 from worldlm.runners.flower import wire
-from worldlm.runners.flower.node import check_supported, host_of
+from worldlm.runners.flower.aliases import ALIASES, Aliases, rename_origins
+from worldlm.runners.flower.node import check_nested, check_supported, host_of
 from worldlm.runners.planning import (
     Federation,
     engine_rounds,
@@ -290,6 +292,44 @@ def step_events(record: dict[str, Any], local_steps: dict[str, int], cfg: C.Conf
     return [{"kind": "step", "node": node, "step": last - n + i, "loss": loss, "tokens": tokens} for i in range(n)]
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation of the run: the held-out split, the round, whether it is the last (final models are
+    saved), the model scored (eval.model, or "local" for the fine-tuned scores) and the records' split label."""
+
+    split: str
+    round: int
+    last: bool
+    mode: str
+    label: str
+
+    def message(self, node: str) -> dict[str, Any]:
+        return {
+            "node": node,
+            "split": self.split,
+            "round": self.round,
+            "final": self.last,
+            "mode": self.mode,
+            "label": self.label,
+        }
+
+    @staticmethod
+    def from_message(c: ConfigRecord) -> Evaluation:
+        return Evaluation(
+            str(c["split"]), int(cast(int, c["round"])), bool(c["final"]), str(c["mode"]), str(c["label"])
+        )
+
+
+def _metrics(reply: Message) -> dict[str, dict[str, float]]:
+    """An evaluate reply's metrics ({node}/{loss,ppl,tokens}) as {node: {what: value}}."""
+    results: dict[str, dict[str, float]] = {}
+    metrics = reply.content.metric_records["metrics"]
+    for key in metrics:
+        user, what = str(key).rsplit("/", 1)
+        results.setdefault(user, {})[what] = float(cast(float, metrics[key]))
+    return results
+
+
 # ---------------------------------------------------------------------- the coordinator
 
 
@@ -305,6 +345,8 @@ class Coordinator:
         connect_timeout: float = 300.0,
         progress: ProgressFn | None = None,
         log: LogFn = _stderr,
+        scope: str | None = None,
+        rejoin: bool = False,
     ) -> None:
         check_supported(cfg)
         self.grid, self.cfg, self.out = grid, cfg, out
@@ -312,6 +354,19 @@ class Coordinator:
         self.progress = progress or (lambda _e: None)
         self.log = log
         self.tree = tree_from_config(cfg)
+        # scope: the tree node whose federation this coordinator runs in a nested deployment (its SuperLink
+        # connects that node and its children; an inner child is the bridge to the child's own coordinator);
+        # None: one coordinator for the whole tree
+        self.scope = scope
+        if scope is None:
+            self.members, self.writes_eval = list(self.tree.order), set(self.tree.order)
+        else:
+            check_nested(cfg)
+            children = list(self.tree[scope].children)
+            self.members = [scope, *children]
+            own = [scope] if scope == self.tree.root else []  # a region's own record is its parent's to write
+            self.writes_eval = {*own, *children}
+        self.aliases = Aliases(scope or self.tree.root, out / ALIASES, fresh=not rejoin)
         self.directory = Directory(grid, connect_timeout, log)
         self.dispatcher = Dispatcher(grid, self._resolve, timeout, self._missing)
         self.edge_bytes: dict[str, int] = {}
@@ -353,20 +408,13 @@ class Coordinator:
     def _visit(self, fed: Federation, q: str, rnd: int, step: int, parent: str | None, down: RecordDict | None) -> Job:
         """One visit of q (Algorithm 1 from q down): returns q's update message, or None if q's subtree is out."""
         tree, opts = fed.tree, fed.opts
+        if self._delegated(fed, q):  # nested: q's own coordinator runs its subtree's visit
+            return (yield from self._visit_region(q, rnd, step, parent, down))
         children = list(tree[q].children)
         final: Message | None = None
         subs = opts.sub_rounds if children else 1
         for sub in range(subs):  # T_q sub-rounds per parent visit
-            content = RecordDict()
-            cfg: dict[str, Any] = {"node": q, "round": rnd, "step": step}
-            if sub == 0 and down is not None and parent is not None:
-                content["model"] = down.array_records["model"]
-                wire.copy_residuals(down, "routed", content, "routed")
-                cfg["parent"] = parent
-                nbytes = wire.value_bytes(content.array_records["model"])
-                nbytes += wire.value_bytes(content.array_records.get("routed"))
-                self._edge(rnd, parent, q, nbytes)
-            content["cfg"] = ConfigRecord(cfg)
+            content = self._from_parent(q, rnd, step, parent, down if sub == 0 else None)
             reply = yield Call(q, "train.visit", content, rnd)
             if reply is None:
                 return None
@@ -402,28 +450,87 @@ class Coordinator:
             self._node_log(final)
         return final
 
-    def _evaluate_node(
-        self, fed: Federation, q: str, split: str, rnd: int, last: bool, mode: str, deployed: Any | None
-    ) -> Job:
-        content = RecordDict(
-            {"cfg": ConfigRecord({"node": q, "split": split, "round": rnd, "final": last, "mode": mode})}
-        )
+    def _from_parent(self, q: str, rnd: int, step: int, parent: str | None, down: RecordDict | None) -> RecordDict:
+        """The message that starts q's (sub-)visit: with its parent's model and routed residuals on the first.
+
+        The parent -> q edge is counted here, by the coordinator that relays it (a region's coordinator
+        does not count the edge from its parent: the parent's coordinator did)."""
+        content = RecordDict()
+        cfg: dict[str, Any] = {"node": q, "round": rnd, "step": step}
+        if down is not None and parent is not None:
+            content["model"] = down.array_records["model"]
+            wire.copy_residuals(down, "routed", content, "routed")
+            cfg["parent"] = parent
+            if q != self.scope:
+                nbytes = wire.value_bytes(content.array_records["model"])
+                nbytes += wire.value_bytes(content.array_records.get("routed"))
+                self._edge(rnd, parent, q, nbytes)
+        content["cfg"] = ConfigRecord(cfg)
+        return content
+
+    def _delegated(self, fed: Federation, q: str) -> bool:
+        """Nested deployment: an inner node other than this coordinator's own is run by its own coordinator."""
+        return self.scope is not None and q != self.scope and bool(fed.tree[q].children)
+
+    def _visit_region(self, q: str, rnd: int, step: int, parent: str | None, down: RecordDict | None) -> Job:
+        """A region's whole visit (its T_q sub-rounds over its subtree) in one message to its bridge SuperNode.
+
+        The reply is the region's update and the residuals it sends up (origins below it aliased), plus
+        how many of its subtree's nodes trained and whether any loss was finite (the divergence rule)."""
+        content = self._from_parent(q, rnd, step, parent, down)
+        subtree = self.tree.subtree(q)
+        rename_origins(content, "routed", self.aliases.hide_outside(subtree))
+        reply = yield Call(q, "train.subtree", content, rnd)
+        if reply is None:
+            return None
+        rename_origins(reply.content, "residuals", self.aliases.reveal)
+        sub = reply.content.config_records["subtree"]
+        trained = int(cast(int, sub["trained"]))
+        self.trained += trained
+        if trained:  # stands for the subtree's losses: all_diverged only asks whether any was finite
+            self.round_losses.append(0.0 if bool(sub["finite"]) else math.nan)
+        return reply
+
+    def _evaluate_node(self, fed: Federation, q: str, ev: Evaluation, deployed: Any | None) -> Job:
+        content = RecordDict({"cfg": ConfigRecord(ev.message(q))})
         if deployed is not None:
             content["deployed"] = deployed
-        reply = yield Call(q, "evaluate", content, rnd)
-        results: dict[str, dict[str, float]] = {}
+        if self._delegated(fed, q):  # its own coordinator evaluates its subtree and keeps those records
+            reply = yield Call(q, "evaluate.subtree", content, ev.round)
+            return {} if reply is None else _metrics(reply)
+        reply = yield Call(q, "evaluate", content, ev.round)
         if reply is None:
-            return results
-        metrics = reply.content.metric_records["metrics"]
-        for key in metrics:
-            user, what = str(key).rsplit("/", 1)
-            results.setdefault(user, {})[what] = float(cast(float, metrics[key]))
+            return {}
+        results = _metrics(reply)
         children = fed.tree[q].children
-        if mode == "deployed" and children and "deployed" in reply.content.array_records:
+        if ev.mode == "deployed" and children and "deployed" in reply.content.array_records:
             model = reply.content.array_records["deployed"]
-            below = yield Gather([self._evaluate_node(fed, c, split, rnd, last, mode, model) for c in children])
+            below = yield Gather([self._evaluate_node(fed, c, ev, model) for c in children])
             for part in below:
                 results.update(part)
+        return results
+
+    def evaluate_scope(self, ev: Evaluation, deployed: Any | None = None) -> dict[str, dict[str, float]]:
+        """Evaluate the nodes this coordinator reaches (a region's coordinator: its subtree) and write their
+        records, except its own node's, which its parent's coordinator writes; returns every result."""
+        jobs: list[Job] = []
+        for fed in self.feds:
+            if ev.mode == "deployed":
+                jobs.append(self._evaluate_node(fed, self.scope or fed.tree.root, ev, deployed))
+            else:
+                for eng in dict.fromkeys(fed.evaluates.values()):
+                    if self.scope is None or eng in self.members:
+                        jobs.append(self._evaluate_node(fed, eng, ev, None))
+        results: dict[str, dict[str, float]] = {}
+        for part in self.dispatcher.run(jobs):
+            results.update(part)
+        for fed in self.feds:  # the in-process runner's record order
+            for user in fed.evaluates:
+                if user not in results or user not in self.writes_eval:
+                    continue
+                r = results[user]
+                step = (ev.round + 1) * self.per_round
+                self._write(eval_record(ev.round, user, ev.label, r["loss"], r["ppl"], int(r["tokens"]), step))
         return results
 
     def evaluate_all(
@@ -431,24 +538,8 @@ class Coordinator:
     ) -> dict[str, dict[str, float]]:
         """As LocalRun.evaluate_all: the delivered models, or with `fine_tuned` each client's own (split "*_ft")."""
         mode = "local" if fine_tuned else C.eval_model(self.cfg)
-        jobs: list[Job] = []
-        for fed in self.feds:
-            if mode == "deployed":
-                jobs.append(self._evaluate_node(fed, fed.tree.root, split, rnd, last, mode, None))
-            else:
-                for eng in dict.fromkeys(fed.evaluates.values()):
-                    jobs.append(self._evaluate_node(fed, eng, split, rnd, last, mode, None))
-        results: dict[str, dict[str, float]] = {}
-        for part in self.dispatcher.run(jobs):
-            results.update(part)
-        for fed in self.feds:  # the in-process runner's record order
-            for user in fed.evaluates:
-                if user not in results:
-                    continue
-                r = results[user]
-                step = (rnd + 1) * self.per_round
-                name = f"{split}_ft" if fine_tuned else split
-                self._write(eval_record(rnd, user, name, r["loss"], r["ppl"], int(r["tokens"]), step))
+        label = f"{split}_ft" if fine_tuned else split
+        results = self.evaluate_scope(Evaluation(split, rnd, last, mode, label))
         shown = {u: {"loss": r["loss"], "ppl": r["ppl"]} for u, r in results.items()}
         if not fine_tuned:
             self.progress({"kind": "eval", "split": split, "round": rnd, "results": shown})
@@ -456,40 +547,47 @@ class Coordinator:
 
     # ------------------------------------------------------------------ the run
 
+    def open(self) -> None:
+        """Start this coordinator's part of the run directory (config.toml, a fresh metrics.jsonl)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "config.toml", C.dumps(self.cfg))
+        (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        self.metrics = metrics_writer(self.out / "metrics.jsonl", self.cfg.log.tensorboard and self.scope is None)
+
+    def connect(self) -> dict[str, Any]:
+        """Wait for this federation's members, plan the engine from the layout they report; the root's hello."""
+        names = self.members
+        self.log(f"waiting for {len(names)} tree nodes to connect: {', '.join(names)}")
+        self.directory.wait_for(names, self.connect_timeout)
+        sizes = {
+            (int(i["backbone-size"]), int(i["key-blocks"]), int(i["key-size"])) for i in self.directory.info.values()
+        }
+        if len(sizes) != 1:
+            raise WorldLMError(f"nodes disagree on the model layout {sorted(sizes)}: same config and data everywhere?")
+        bb, kb, ks = sizes.pop()
+        self.feds = engine_plan(self.cfg, self.tree, _Sizes(bb, kb, ks, bb + kb * ks))
+        first = self.feds[0]
+        self.per_round = sequential_span(first.tree, first.tree.root, first.opts)
+        self.feds_steps = {n: f.opts.local_steps[n] for f in self.feds for n in f.tree.order}
+        return dict(self.directory.info[self.scope or self.tree.root])
+
     def run(self) -> dict[str, Any]:
+        """The whole run from the root: summary.json; in a nested deployment the root's part (`RUN_FACTS`),
+        which `nested.merge_federations` joins with the regions' records into summary.json."""
         t_start = time.perf_counter()
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out / "config.toml", C.dumps(cfg))
-        (self.out / "metrics.jsonl").unlink(missing_ok=True)
-        self.metrics = metrics_writer(self.out / "metrics.jsonl", cfg.log.tensorboard)
+        self.open()
+        assert self.metrics is not None
         try:
-            names = list(self.tree.order)
-            self.log(f"waiting for {len(names)} tree nodes to connect: {', '.join(names)}")
-            self.directory.wait_for(names, self.connect_timeout)
-            info = self.directory.info[self.tree.root]
-            sizes = {
-                (int(i["backbone-size"]), int(i["key-blocks"]), int(i["key-size"]))
-                for i in self.directory.info.values()
-            }
-            if len(sizes) != 1:
-                raise WorldLMError(
-                    f"nodes disagree on the model layout {sorted(sizes)}: same config and data everywhere?"
-                )
-            bb, kb, ks = sizes.pop()
-            self.feds = engine_plan(cfg, self.tree, _Sizes(bb, kb, ks, bb + kb * ks))
-            first = self.feds[0]
-            self.per_round = sequential_span(first.tree, first.tree.root, first.opts)
-            self.feds_steps = {n: f.opts.local_steps[n] for f in self.feds for n in f.tree.order}
+            info = self.connect()
             planned = engine_rounds(cfg, self.tree)
             total = steps_per_round(self.feds) * planned
             self.progress({"kind": "start", "method": cfg.method, "total_steps": total, "rounds": planned})
-            val: dict[str, dict[str, float]] = {}
+            evals: dict[str, dict[str, dict[str, float]]] = {}
             rounds, diverged = planned, None
             for rnd in range(planned):
                 if rnd > 0:
-                    for name in self.directory.refresh(wait=min(self.timeout, 30.0)):
-                        self._write({"event": "rejoined", "round": rnd, "node": name})
+                    self.rejoin(rnd)
                 self.trained, self.round_losses = 0, []
                 jobs = [
                     self._visit(f, f.tree.root, rnd, rnd * sequential_span(f.tree, f.tree.root, f.opts), None, None)
@@ -500,50 +598,85 @@ class Coordinator:
                     raise WorldLMError(f"round {rnd}: no node answered; see the log above")
                 stop = all_diverged(self.round_losses)
                 if cfg.eval.every_round or stop or rnd == planned - 1:
-                    val = self.evaluate_all("val", rnd)
+                    evals["val"] = self.evaluate_all("val", rnd)
                 self.log(f"round {rnd + 1}/{planned} done")
                 if stop:
                     rounds, diverged = rnd + 1, rnd
                     self._write({"event": "diverged", "round": rnd})
                     self.log(diverged_message(rnd, planned))
                     break
-            test = self.evaluate_all("test", rounds - 1, last=True)
-            fine_tuned = None
+            evals["test"] = self.evaluate_all("test", rounds - 1, last=True)
             if C.scores_fine_tuned(cfg):  # FL / HierFAVG + local fine-tuning, from the same run
-                fine_tuned = (
-                    self.evaluate_all("test", rounds - 1, fine_tuned=True),
-                    self.evaluate_all("val", rounds - 1, fine_tuned=True),
-                )
+                evals["test_ft"] = self.evaluate_all("test", rounds - 1, fine_tuned=True)
+                evals["val_ft"] = self.evaluate_all("val", rounds - 1, fine_tuned=True)
+            if self.scope is not None:
+                self.finish_regions(rounds - 1)
         finally:
             self.metrics.close()
-        wall = time.perf_counter() - t_start
-        done = (planned, rounds, train_tokens(cfg, self.feds, rounds))
-        summary = self._summary(test, val, int(info["parameters"]), kb, wall, done, diverged, fine_tuned)
+        facts = {
+            "planned_rounds": planned,
+            "rounds": rounds,
+            "sequential_steps": self.per_round * rounds,
+            "train_tokens": train_tokens(cfg, self.feds, rounds),
+            "parameters": int(info["parameters"]),
+            "key_blocks": int(info["key-blocks"]),
+            "wall_seconds": time.perf_counter() - t_start,
+            "diverged_round": diverged,
+        }
+        if self.scope is not None:  # nested: the regions keep their members' records
+            atomic_write_json(self.out / RUN_FACTS, facts)
+            return facts
+        summary = federated_summary(cfg, self.tree.order, evals, self.edge_bytes, self.record_dp, facts)
         atomic_write_json(self.out / "summary.json", summary)
         return summary
 
-    def _summary(
-        self,
-        test: dict[str, dict[str, float]],
-        val: dict[str, dict[str, float]],
-        params: int,
-        kb: int,
-        wall: float,
-        done: tuple[int, int, int],
-        diverged: int | None,
-        fine_tuned: tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]] | None,
-    ) -> dict[str, Any]:
-        """summary.json as LocalRun writes it; nodes that never answered the test are listed as missing.
+    def rejoin(self, rnd: int) -> None:
+        """Greet SuperNodes that (re)started since the last round; a `rejoined` record for each."""
+        for name in self.directory.refresh(wait=min(self.timeout, 30.0)):
+            self._write({"event": "rejoined", "round": rnd, "node": name})
 
-        `done` = (rounds planned, rounds run, training tokens of all nodes).
-        """
-        if not test:
-            raise WorldLMError("no node answered the final evaluation; no summary")
-        planned, rounds, tokens = done
-        progress = (planned, self.per_round * rounds, tokens)
-        summary = run_summary(
-            self.cfg, self.tree.order, test, val, self.edge_bytes, progress, (params, kb), wall, diverged, fine_tuned
-        )
-        if self.record_dp:
-            summary |= record_privacy_summary(self.cfg, self.record_dp)
-        return summary
+    def finish_regions(self, rnd: int) -> None:
+        """Nested: tell each region's coordinator (through its bridge) that the run is over, depth first."""
+        fed = self.feds[0]
+        regions = [c for c in fed.tree[self.scope or fed.tree.root].children if self._delegated(fed, c)]
+
+        def finish(c: str) -> Job:
+            return (yield Call(c, "query.finish", RecordDict({"cfg": ConfigRecord({"node": c})}), rnd))
+
+        self.dispatcher.run([finish(c) for c in regions])
+
+
+RUN_FACTS = "run.json"  # a nested root's part of summary.json: what only the root knows about the run
+
+
+def federated_summary(
+    cfg: C.Config,
+    order: Sequence[str],
+    evals: dict[str, dict[str, dict[str, float]]],
+    edges: dict[str, int],
+    record_dp: dict[str, dict[str, Any]],
+    facts: dict[str, Any],
+) -> dict[str, Any]:
+    """summary.json as LocalRun writes it, from the evaluations by label ("test", "val", "test_ft", "val_ft"),
+    the bytes per edge, record-level DP nodes' latest privacy records and the run's facts (`Coordinator.run`).
+    Nodes that never answered the test are listed as missing."""
+    if not evals.get("test"):
+        raise WorldLMError("no node answered the final evaluation; no summary")
+    fine_tuned = (evals["test_ft"], evals["val_ft"]) if "test_ft" in evals else None
+    progress = (int(facts["planned_rounds"]), int(facts["sequential_steps"]), int(facts["train_tokens"]))
+    model = (int(facts["parameters"]), int(facts["key_blocks"]))
+    summary = run_summary(
+        cfg,
+        order,
+        evals["test"],
+        evals.get("val", {}),
+        edges,
+        progress,
+        model,
+        float(facts["wall_seconds"]),
+        facts["diverged_round"],
+        fine_tuned,
+    )
+    if record_dp:
+        summary |= record_privacy_summary(cfg, record_dp)
+    return summary

@@ -60,6 +60,7 @@ class InProcessGrid(Grid):
             self._add(cfg)
         self._inbox: dict[str, bytes] = {}
         self.delivered: list[Message] = []  # every instruction message a node received (tests inspect them)
+        self.replies: list[Message] = []  # and every reply
 
     def _add(self, node_config: dict[str, Any]) -> int:
         node_id = 1000 + self._next_id  # ids are never reused, as on a SuperLink
@@ -113,13 +114,14 @@ class InProcessGrid(Grid):
             reply = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
             reply.metadata.__dict__["_message_id"] = uuid4().hex
             replies.append(pickle.loads(pickle.dumps(reply)))
+            self.replies.append(replies[-1])
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
 
 
-def _defaults(cfg: C.Config, out: Path) -> dict[str, Any]:
+def run_defaults(cfg: C.Config, out: Path) -> dict[str, Any]:
     tree = tree_from_config(cfg)
     return {
         "worldlm-config": C.dumps(cfg),
@@ -140,7 +142,7 @@ def run_inprocess(
     """The Flower apps over in-process messages (no Ray, no sockets): the fast path for tests."""
     require_flower()
     check_supported(cfg)
-    defaults = _defaults(cfg, out)
+    defaults = run_defaults(cfg, out)
     names = defaults["node-names"]
     grid = InProcessGrid(make_client_app(defaults), [{"node-name": n} for n in names], drop=drop)
     if grid_hook is not None:
@@ -160,7 +162,7 @@ def run_simulation_engine(
     check_supported(cfg)
     from flwr.simulation import run_simulation
 
-    defaults = _defaults(cfg, out)
+    defaults = run_defaults(cfg, out)
     result: dict[str, Any] = {}
     server = make_server_app(
         {"worldlm-config": defaults["worldlm-config"], "out": str(out), "timeout": timeout}, progress, result

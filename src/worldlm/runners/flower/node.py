@@ -94,6 +94,19 @@ def check_supported(cfg: C.Config) -> None:
         )
 
 
+NESTED_METHODS = ("worldlm", "hierfavg", "fedper")  # the methods whose federations are the tree's inner nodes
+
+
+def check_nested(cfg: C.Config) -> None:
+    """A nested deployment runs one federation per inner node of the tree; one-federation methods cannot."""
+    if cfg.method not in NESTED_METHODS:
+        raise WorldLMError(
+            f"a nested deployment gives every inner node of the tree its own federation, but method "
+            f"'{cfg.method}' is a single federation; deploy it without --nested (methods with a tree of "
+            f"federations: {', '.join(NESTED_METHODS)})"
+        )
+
+
 def host_of(engine_node: str, user_tree: Tree) -> str:
     """The tree node (SuperNode) that hosts an engine node: FL's data-less server runs at the root organisation."""
     return engine_node if engine_node in user_tree.nodes else user_tree.root
@@ -404,7 +417,10 @@ def handle(kind: str, content: RecordDict, context: Context, defaults: dict[str,
     run_key = f"{context.run_id}-{name}"
     store = StateStore(context, local["state-dir"], run_key)
     side.load(store.read())
-    reply = {"visit": side.visit, "aggregate": side.aggregate, "evaluate": side.evaluate}[kind](content)
+    steps = {"visit": side.visit, "aggregate": side.aggregate, "evaluate": side.evaluate}
+    if kind not in steps:
+        raise WorldLMError(f"SuperNode '{name}' is a tree node, not a bridge to a region: it takes no '{kind}'")
+    reply = steps[kind](content)
     store.write(side.dump())
     reply["timing"] = MetricRecord({"seconds": time.perf_counter() - t0})
     return reply
