@@ -122,6 +122,7 @@ def _deploy_local(args: argparse.Namespace) -> int:
         "restart_dead": args.restart_dead,
         "keep_state": args.keep_state,
         "gpus": _gpu_list(args.gpus),
+        "nested": args.nested,
     }
     return _show_run(
         args, out, "Flower deployment engine", lambda progress: deploy_local(cfg, out, progress, **options)
@@ -325,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-state", action="store_true", help="keep the nodes' private state files (<out>/flower/state)")
     p.add_argument("--gpus", metavar="0,1", help="pin the SuperNodes to these GPUs round-robin (one per SuperNode)")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events (log.tensorboard)")
+    p.add_argument(
+        "--nested",
+        action="store_true",
+        help="a SuperLink and coordinator per inner node: leaves connect only to their region, the root only "
+        "sees its children (issue 19)",
+    )
     p.set_defaults(func=_deploy_local)
 
     p = sub.add_parser("flower-app", help="write the Flower app and run config for a multi-host deployment")

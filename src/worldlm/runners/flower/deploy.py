@@ -22,7 +22,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +36,9 @@ from worldlm import config as C
 from worldlm.errors import WorldLMError
 from worldlm.io import atomic_write_text
 from worldlm.runners.flower import FLOWER_ENV, require_flower
-from worldlm.runners.flower.coordinator import ProgressFn, engine_plan, step_events
-from worldlm.runners.flower.node import check_supported
+from worldlm.runners.flower.coordinator import RUN_FACTS, ProgressFn, engine_plan, step_events
+from worldlm.runners.flower.nested import FINISHED, federation_dirs, merge_federations
+from worldlm.runners.flower.node import check_nested, check_supported
 from worldlm.runners.planning import engine_rounds, steps_per_round, tree_from_config
 
 CONNECTION = "worldlm-local"
@@ -64,6 +67,10 @@ worldlm-config = ""
 out = ""
 timeout = 600.0
 connect-timeout = 300.0
+federation = ""
+bridge-socket = ""
+run-key = ""
+rejoin = 0
 """
 
 
@@ -75,9 +82,14 @@ def write_app(dest: Path) -> Path:
     return app
 
 
-def write_run_config(path: Path, cfg: C.Config, out: Path, timeout: float, connect_timeout: float) -> Path:
-    """The run config overrides (`flwr run ... --run-config FILE`): the resolved config travels with the run."""
+def write_run_config(
+    path: Path, cfg: C.Config, out: Path, timeout: float, connect_timeout: float, extra: dict[str, Any] | None = None
+) -> Path:
+    """The run config overrides (`flwr run ... --run-config FILE`): the resolved config travels with the run.
+
+    `extra`: a nested deployment's `federation`, `bridge-socket`, `run-key` and `rejoin` (see app.py)."""
     values = {"worldlm-config": C.dumps(cfg), "out": str(out), "timeout": timeout, "connect-timeout": connect_timeout}
+    values |= extra or {}
     atomic_write_text(path, tomli_w.dumps(values))
     return path
 
@@ -214,27 +226,30 @@ class Processes:
 
 
 class _Follower:
-    """Turns new metrics.jsonl records into progress events (the ServerApp runs in another process)."""
+    """Turns new metrics.jsonl records into progress events (the ServerApp runs in another process);
+    a nested deployment has one metrics.jsonl per federation, followed together."""
 
-    def __init__(self, path: Path, cfg: C.Config, progress: ProgressFn) -> None:
-        self.path, self.cfg, self.progress = path, cfg, progress
+    def __init__(self, paths: list[Path], cfg: C.Config, progress: ProgressFn) -> None:
+        self.paths, self.cfg, self.progress = paths, cfg, progress
         feds = engine_plan(cfg, tree_from_config(cfg))
         self.steps = {n: f.opts.local_steps[n] for f in feds for n in f.tree.order}
         rounds = engine_rounds(cfg, tree_from_config(cfg))
         total = steps_per_round(feds) * rounds
         progress({"kind": "start", "method": cfg.method, "total_steps": total, "rounds": rounds})
-        self.offset = 0
+        self.offsets = dict.fromkeys(paths, 0)
         self.evals: dict[tuple[int, str], dict[str, dict[str, float]]] = {}
-        self.n_eval = 0
 
     def poll(self) -> None:
-        if not self.path.is_file():
-            return
-        with self.path.open("rb") as fh:
-            fh.seek(self.offset)
+        for path in self.paths:
+            if path.is_file():
+                self._read(path)
+
+    def _read(self, path: Path) -> None:
+        with path.open("rb") as fh:
+            fh.seek(self.offsets[path])
             data = fh.read()
         end = data.rfind(b"\n") + 1
-        self.offset += end
+        self.offsets[path] += end
         for line in data[:end].splitlines():
             rec = json.loads(line)
             for event in step_events(rec, self.steps, self.cfg):
@@ -290,6 +305,46 @@ def check_gpus(cfg: C.Config, gpus: list[int]) -> None:
         )
 
 
+@dataclass
+class _Federation:
+    """One SuperLink of a deployment, its SuperNodes (process key -> node config) and its run.
+
+    Flat: one for the whole tree (name ""). Nested: one per inner node q, whose SuperNodes are q's own
+    node, its leaf children and a bridge for each inner child."""
+
+    name: str
+    port: int
+    supernodes: dict[str, dict[str, Any]]
+    run_config: dict[str, Any]
+    out: Path
+
+    def key(self, what: str) -> str:
+        return f"{what}:{self.name}" if self.name else what
+
+    def log_name(self, key: str) -> str:
+        return key.replace(":", "-").replace("@", "-")
+
+
+def _federations(
+    cfg: C.Config, out: Path, work: Path, sockets: Path, nested: bool, node_cfg: Callable[[str], dict[str, Any]]
+) -> list[_Federation]:
+    """The SuperLinks to start, root first; each with the SuperNodes that connect to it and its run config."""
+    tree = tree_from_config(cfg)
+    if not nested:
+        return [_Federation("", free_port(), {f"supernode:{n}": node_cfg(n) for n in tree.order}, {}, out)]
+    feds = []
+    for q, part in federation_dirs(cfg, out).items():
+        nodes = {f"supernode:{q}": node_cfg(q)}
+        for c in tree[q].children:
+            if tree[c].children:  # a region of its own: a bridge to its coordinator's socket
+                nodes[f"bridge:{c}"] = {"node-name": c, "bridge": str(sockets / f"{c}.sock")}
+            else:
+                nodes[f"supernode:{c}"] = node_cfg(c)
+        run = {"federation": q, "bridge-socket": str(sockets / f"{q}.sock") if q != tree.root else ""}
+        feds.append(_Federation(q, free_port(), nodes, run, part))
+    return feds
+
+
 def deploy_local(
     cfg: C.Config,
     out: Path,
@@ -301,14 +356,19 @@ def deploy_local(
     keep_state: bool = False,
     log: Callable[[str], None] = lambda m: print(f"worldlm: {m}", file=sys.stderr, flush=True),
     gpus: list[int] | None = None,
+    nested: bool = False,
 ) -> dict[str, Any]:
-    """Run `cfg` through a SuperLink and one SuperNode per tree node on 127.0.0.1; returns summary.json.
+    """Run `cfg` through Flower SuperLinks and SuperNodes on 127.0.0.1; returns summary.json.
 
-    `gpus`: pin the SuperNodes to these GPUs round-robin (one CUDA_VISIBLE_DEVICES each), as organisations
-    with a GPU each would run them.
+    Flat: one SuperLink, a SuperNode per tree node. `nested`: a SuperLink and coordinator per inner node
+    (nested.py); the regions' runs start first, the root's last; a region whose SuperLink or coordinator
+    exits sits out until it is back (`restart_dead` restarts it). `gpus`: pin the SuperNodes to these
+    GPUs round-robin (one CUDA_VISIBLE_DEVICES each), as organisations with a GPU each would run them.
     """
     require_flower()
     check_supported(cfg)
+    if nested:
+        check_nested(cfg)
     check_gpus(cfg, gpus or [])
     import torch
 
@@ -319,104 +379,145 @@ def deploy_local(
     for sub in ("logs", "home", "state"):
         (work / sub).mkdir(parents=True, exist_ok=True)
     app = write_app(work)
-    run_config = write_run_config(work / "run-config.toml", cfg, out, timeout, connect_timeout)
-    port = free_port()
+    tree = tree_from_config(cfg)
+    node_env = gpu_assignment(list(tree.order), gpus or [])
+    threads = torch.get_num_threads()  # nodes sum in the same order as the in-process runner here
+    data_path = Path(cfg.data.path).resolve()
+    sockets = Path(tempfile.mkdtemp(prefix="worldlm-bridges-"))  # short: a Unix socket path has < 108 bytes
+
+    def node_cfg(name: str) -> dict[str, Any]:  # what each organisation would set on its own host
+        return {
+            "node-name": name,
+            "data-path": str(data_path),
+            "state-dir": str(work / "state" / name),
+            "out-dir": str(out / "checkpoints"),
+            "threads": threads,
+        }
+
+    feds = _federations(cfg, out, work, sockets, nested, node_cfg)
+    run_key = uuid.uuid4().hex[:12]  # the nodes' state files survive a region's run being resubmitted
+
+    def run_config(f: _Federation, rejoin: bool) -> Path:
+        name = f"run-config-{f.name}{'-rejoin' if rejoin else ''}.toml" if f.name else "run-config.toml"
+        extra = {**f.run_config, "run-key": run_key, "rejoin": int(rejoin)} if f.name else {}
+        return write_run_config(work / name, cfg, f.out, timeout, connect_timeout, extra)
+
+    connections = {f"worldlm-{f.name or 'local'}": {"address": f"127.0.0.1:{f.port}", "insecure": True} for f in feds}
     atomic_write_text(
         work / "home" / "config.toml",
-        tomli_w.dumps(
-            {"superlink": {"default": CONNECTION, CONNECTION: {"address": f"127.0.0.1:{port}", "insecure": True}}}
-        ),
+        tomli_w.dumps({"superlink": {"default": f"worldlm-{feds[0].name or 'local'}", **connections}}),
     )
     env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(work / "home")}
     # Flower starts its own helpers (flower-superexec, flwr-serverapp, flwr-clientapp) from PATH
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     procs = Processes(env, work / "pids.json", log)
-    tree = tree_from_config(cfg)
-    node_env = gpu_assignment(list(tree.order), gpus or [])
-    threads = torch.get_num_threads()  # nodes sum in the same order as the in-process runner here
-    data_path = Path(cfg.data.path).resolve()
 
-    def supernode_argv(name: str) -> list[str]:
-        node_cfg = " ".join(  # what each organisation would set on its own host
-            [
-                f'node-name="{name}"',
-                f'data-path="{data_path}"',
-                f'state-dir="{work / "state" / name}"',
-                f'out-dir="{out / "checkpoints"}"',
-                f"threads={threads}",
-            ]
-        )
-        return [
-            _bin("flower-supernode"),
-            "--insecure",
-            "--superlink",
-            f"127.0.0.1:{port}",
-            "--port",
-            str(free_port()),
-            "--node-config",
-            node_cfg,
-        ]
+    def start_superlink(f: _Federation) -> Started:
+        argv = [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(f.port)]
+        argv.append("--disable-runtime-dependency-installation")
+        return procs.start(f.key("superlink"), argv, logs / f"{f.log_name(f.key('superlink'))}.log")
+
+    def start_supernode(f: _Federation, key: str) -> None:
+        values = f.supernodes[key]
+        node_config = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in values.items())
+        argv = [_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{f.port}"]
+        argv += ["--port", str(free_port()), "--node-config", node_config]
+        extra = node_env[values["node-name"]] if key.startswith("supernode:") else {}
+        procs.start(key, argv, logs / f"{f.log_name(key)}.log", extra)
+
+    def start_run(f: _Federation, rejoin: bool = False) -> Started:
+        argv = [_bin("flwr"), "run", str(app), f"worldlm-{f.name or 'local'}", "--run-config"]
+        argv += [str(run_config(f, rejoin)), "--stream"]
+        return procs.start(f.key("flwr-run"), argv, logs / f"{f.log_name(f.key('run'))}.log")
+
+    def restart_region(f: _Federation, why: str) -> None:
+        log(f"region '{f.name}': {why}; restarting its SuperLink, SuperNodes and coordinator")
+        procs.stop(f.key("flwr-run"))
+        for key in f.supernodes:
+            procs.stop(key)
+        procs.stop(f.key("superlink"))
+        _wait_for_port(f.port, start_superlink(f), 120.0)
+        for key in f.supernodes:
+            start_supernode(f, key)
+        start_run(f, rejoin=True)
+        log(f"region '{f.name}' restarted; it rejoins at the next round")
 
     t0 = time.perf_counter()
     try:
         with _sigterm_as_interrupt():
-            superlink = procs.start(
-                "superlink",
-                [
-                    _bin("flower-superlink"),
-                    "--insecure",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--disable-runtime-dependency-installation",
-                ],
-                logs / "superlink.log",
-            )
-            _wait_for_port(port, superlink, 120.0)
-            for name in tree.order:
-                procs.start(f"supernode:{name}", supernode_argv(name), logs / f"supernode-{name}.log", node_env[name])
-            log(f"SuperLink on 127.0.0.1:{port}, {len(tree.order)} SuperNodes; logs in {logs}")
-            runner = procs.start(
-                "flwr-run",
-                [_bin("flwr"), "run", str(app), CONNECTION, "--run-config", str(run_config), "--stream"],
-                logs / "run.log",
-            )
-            follower = _Follower(out / "metrics.jsonl", cfg, progress)
+            for f in feds:
+                start_superlink(f)
+            for f in feds:
+                _wait_for_port(f.port, procs.started[f.key("superlink")], 120.0)
+                for key in f.supernodes:
+                    start_supernode(f, key)
+            where = ", ".join(f"127.0.0.1:{f.port}" + (f" ({f.name})" if f.name else "") for f in feds)
+            n_nodes = sum(len(f.supernodes) for f in feds)
+            log(f"SuperLink(s) on {where}; {n_nodes} SuperNodes; logs in {logs}")
+            for f in reversed(feds):  # the regions' coordinators first: the root's run needs them
+                start_run(f)
+            root_run = procs.started[feds[0].key("flwr-run")]
+            follower = _Follower([f.out / "metrics.jsonl" for f in feds], cfg, progress)
             dead_since: dict[str, float] = {}
-            while runner.proc.poll() is None:
+
+            def dead(key: str, what: str, consequence: str) -> bool:
+                """Whether process `key` exited and `restart_delay` has passed (logged once, when noticed)."""
+                s = procs.started.get(key)
+                if s is None or s.proc.poll() is None:
+                    dead_since.pop(key, None)
+                    return False
+                if key not in dead_since:
+                    log(f"{what} exited (code {s.proc.returncode}); {consequence} until it is back")
+                    dead_since[key] = time.monotonic()
+                return restart_dead and time.monotonic() - dead_since[key] > restart_delay
+
+            while root_run.proc.poll() is None:
                 time.sleep(0.5)
                 follower.poll()
-                if superlink.proc.poll() is not None:
-                    raise WorldLMError(f"the SuperLink exited (code {superlink.proc.returncode}); see {superlink.log}")
-                for name in tree.order:
-                    key = f"supernode:{name}"
-                    s = procs.started.get(key)
-                    if s is None or s.proc.poll() is None:
-                        continue
-                    if key not in dead_since:
-                        log(
-                            f"SuperNode '{name}' exited (code {s.proc.returncode}); "
-                            "its node is left out until it is back"
-                        )
-                        dead_since[key] = time.monotonic()
-                    if restart_dead and time.monotonic() - dead_since[key] > restart_delay:
-                        procs.stop(key)
-                        procs.start(key, supernode_argv(name), s.log, node_env[name])
-                        del dead_since[key]
-                        log(f"restarted SuperNode '{name}'; it rejoins at the next round")
+                root_link = procs.started[feds[0].key("superlink")]
+                if root_link.proc.poll() is not None:
+                    raise WorldLMError(f"the SuperLink exited (code {root_link.proc.returncode}); see {root_link.log}")
+                for f in feds:
+                    if f is not feds[0] and not (f.out / FINISHED).is_file():
+                        link, run = f.key("superlink"), f.key("flwr-run")
+                        out_ = "its subtree sits out"
+                        if dead(link, f"region '{f.name}': its SuperLink", out_) or dead(
+                            run, f"region '{f.name}': its coordinator's run", out_
+                        ):
+                            dead_since.pop(link, None)
+                            dead_since.pop(run, None)
+                            restart_region(f, "its SuperLink or coordinator is gone")
+                            continue
+                    for key in f.supernodes:
+                        if dead(key, f"SuperNode '{key.split(':', 1)[1]}'", "its node is left out"):
+                            procs.stop(key)
+                            start_supernode(f, key)
+                            del dead_since[key]
+                            log(f"restarted SuperNode '{key.split(':', 1)[1]}'; it rejoins at the next round")
             follower.poll()
-            summary_path = out / "summary.json"
-            if not summary_path.is_file():
-                tail = "".join(runner.log.read_text(errors="replace").splitlines(keepends=True)[-15:])
-                raise WorldLMError(f"the Flower run ended without summary.json; the end of {runner.log}:\n{tail}")
-            summary: dict[str, Any] = json.loads(summary_path.read_text())
+            summary = _result(cfg, out, feds, procs, root_run)
     finally:
         procs.stop_all()
+        shutil.rmtree(sockets, ignore_errors=True)
     if not keep_state:
         shutil.rmtree(work / "state", ignore_errors=True)
     log(f"deploy-local finished in {time.perf_counter() - t0:.1f} s; all Flower processes stopped")
     return summary
+
+
+def _result(cfg: C.Config, out: Path, feds: list[_Federation], procs: Processes, root_run: Started) -> dict[str, Any]:
+    """summary.json once the root's run has ended (nested: after the regions' runs end too, merged)."""
+    done = out / "summary.json" if len(feds) == 1 and not feds[0].name else feds[0].out / RUN_FACTS
+    if not done.is_file():
+        tail = "".join(root_run.log.read_text(errors="replace").splitlines(keepends=True)[-15:])
+        raise WorldLMError(f"the Flower run ended without {done.name}; the end of {root_run.log}:\n{tail}")
+    if done.name != RUN_FACTS:
+        return dict(json.loads(done.read_text()))
+    deadline = time.monotonic() + 60.0  # the regions' coordinators end once the root has finished them
+    runs = [procs.started[f.key("flwr-run")] for f in feds[1:] if f.key("flwr-run") in procs.started]
+    while any(r.proc.poll() is None for r in runs) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return merge_federations(cfg, out, [f.out for f in feds])
 
 
 def _wait_for_port(port: int, proc: Started, limit: float) -> None:

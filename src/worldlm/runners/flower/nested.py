@@ -61,6 +61,7 @@ from worldlm.runners.flower.node import check_nested, check_supported
 from worldlm.runners.planning import tree_from_config
 from worldlm.tensorboard import metrics_writer
 
+FINISHED = "finished.json"  # a region's coordinator was told the run is over (its run's exit is no fault)
 FEDERATIONS = "federations"  # <run>/federations/<inner node>/: each federation's part of the run directory
 
 
@@ -105,6 +106,7 @@ class RegionCoordinator(Coordinator):
                 self.directory.refresh(wait=min(self.timeout, 30.0))
             else:
                 self.open()
+                (self.out / FINISHED).unlink(missing_ok=True)
                 self.info = self.connect()
             if self.metrics is None:  # rejoined: append to this federation's records
                 self.metrics = metrics_writer(self.out / "metrics.jsonl", False)
@@ -124,6 +126,7 @@ class RegionCoordinator(Coordinator):
             assert self.metrics is not None
             self.metrics.close()
             self.finished = True
+            atomic_write_json(self.out / FINISHED, {"federation": self.region})  # its run ends as planned
             return RecordDict()
         raise WorldLMError(f"region '{self.region}': unknown request '{kind}'")
 

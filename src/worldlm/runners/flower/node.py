@@ -414,7 +414,7 @@ def handle(kind: str, content: RecordDict, context: Context, defaults: dict[str,
     if side.threads > 0 and torch.get_num_threads() != side.threads:
         torch.set_num_threads(side.threads)
     t0 = time.perf_counter()
-    run_key = f"{context.run_id}-{name}"
+    run_key = f"{context.run_config.get('run-key') or context.run_id}-{name}"  # nested: the same across resubmits
     store = StateStore(context, local["state-dir"], run_key)
     side.load(store.read())
     steps = {"visit": side.visit, "aggregate": side.aggregate, "evaluate": side.evaluate}
