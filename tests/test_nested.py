@@ -191,3 +191,29 @@ def test_merge_needs_the_root_part(data: Path, tmp_path: Path) -> None:
     cfg = _config(tmp_path, data, "worldlm", [])
     with pytest.raises(WorldLMError, match=r"root federation's run\.json in exactly one part"):
         merge_federations(cfg, tmp_path / "out", [tmp_path / "a", tmp_path / "b"])
+
+
+def test_flower_app_nested_writes_a_run_config_per_federation_and_merge_joins_the_parts(
+    data: Path, tmp_path: Path
+) -> None:
+    import tomllib
+
+    from worldlm.cli import main
+
+    # prepare: a nested run whose parts a user joins with the CLI, as after a multi-host deployment
+    cfg_path = tiny_config(tmp_path, data, "worldlm")
+    run_nested_inprocess(C.load_config(cfg_path), tmp_path / "nested")
+    parts = [str(tmp_path / "nested" / "federations" / q) for q in ("root", "fr-it", "uk-ru")]
+    # execute
+    assert main(["flower-app", str(cfg_path), "--out", str(tmp_path / "job"), "--run-out", "/srv/run", "--nested"]) == 0
+    assert main(["merge-federations", str(cfg_path), *parts, "--out", str(tmp_path / "merged"), "--quiet"]) == 0
+    # assert: one run config per inner node, regions with their bridge socket, one state key for all
+    configs = {
+        q: tomllib.loads((tmp_path / "job" / f"run-config-{q}.toml").read_text()) for q in ("root", "fr-it", "uk-ru")
+    }
+    assert {q: c["federation"] for q, c in configs.items()} == {"root": "root", "fr-it": "fr-it", "uk-ru": "uk-ru"}
+    assert configs["root"]["bridge-socket"] == "" and configs["fr-it"]["bridge-socket"] == "/run/worldlm/fr-it.sock"
+    assert configs["uk-ru"]["out"] == "/srv/run/federations/uk-ru"
+    assert len({c["run-key"] for c in configs.values()}) == 1
+    assert summary_of(tmp_path / "merged") == summary_of(tmp_path / "nested")
+    assert main(["merge-federations", str(cfg_path), str(tmp_path), "--out", str(tmp_path / "x"), "--quiet"]) == 2

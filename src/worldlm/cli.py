@@ -123,6 +123,7 @@ def _deploy_local(args: argparse.Namespace) -> int:
         "keep_state": args.keep_state,
         "gpus": _gpu_list(args.gpus),
         "nested": args.nested,
+        "isolation": args.isolation,
     }
     return _show_run(
         args, out, "Flower deployment engine", lambda progress: deploy_local(cfg, out, progress, **options)
@@ -139,7 +140,7 @@ def _gpu_list(text: str | None) -> list[int]:
 
 
 def _flower_app(args: argparse.Namespace) -> int:
-    """Write the Flower app and run config for a multi-host deployment (README "Running on Flower")."""
+    """Write the Flower app and run config(s) for a multi-host deployment (README "Running on Flower")."""
     from worldlm import config as C
     from worldlm.runners.flower.deploy import write_app, write_run_config
 
@@ -147,11 +148,51 @@ def _flower_app(args: argparse.Namespace) -> int:
     dest = Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)
     app = write_app(dest)
-    run_out = args.run_out
-    run_config = write_run_config(dest / "run-config.toml", cfg, Path(run_out), args.node_timeout, args.connect_timeout)
+    run_out = Path(args.run_out)
+    if not args.nested:
+        run_config = write_run_config(dest / "run-config.toml", cfg, run_out, args.node_timeout, args.connect_timeout)
+        if not args.quiet:
+            print(f"Flower app: {app}\nrun config: {run_config} (run directory on the SuperLink host: {run_out})")
+            print(f"submit with: flwr run {app} <connection> --run-config {run_config} --stream")
+        return 0
+    import uuid
+
+    from worldlm.runners.flower.nested import federation_dirs
+    from worldlm.runners.flower.node import check_nested
+
+    check_nested(cfg)
+    root = next(iter(federation_dirs(cfg, run_out)))
+    run_key = uuid.uuid4().hex[:12]  # the nodes' state key, the same if a region's run is resubmitted
+    for q, part in federation_dirs(cfg, run_out).items():
+        extra = {"federation": q, "run-key": run_key, "rejoin": 0}
+        extra["bridge-socket"] = "" if q == root else str(Path(args.bridge_dir) / f"{q}.sock")
+        path = write_run_config(
+            dest / f"run-config-{q}.toml", cfg, part, args.node_timeout, args.connect_timeout, extra
+        )
+        if not args.quiet:
+            print(f"federation {q}: run config {path} (its records: {part} on its coordinator's host)")
     if not args.quiet:
-        print(f"Flower app: {app}\nrun config: {run_config} (run directory on the SuperLink host: {run_out})")
-        print(f"submit with: flwr run {app} <connection> --run-config {run_config} --stream")
+        print(f"Flower app: {app}; submit each region's run first, the root's ({root}) last:")
+        print(
+            f"  flwr run {app} <connection to that federation's SuperLink> --run-config {dest}/run-config-<node>.toml"
+        )
+        print(f"then join the parts: worldlm merge-federations {args.config} --out RUN_DIR PART_DIR...")
+    return 0
+
+
+def _merge_federations(args: argparse.Namespace) -> int:
+    from worldlm import config as C
+    from worldlm.runners.flower.nested import merge_federations
+
+    cfg = C.load_config(args.config, args.set)
+    parts = [Path(p) for p in args.parts]
+    for p in parts:
+        if not (p / "metrics.jsonl").is_file():
+            raise WorldLMError(f"{p} is not a federation's part of a nested run (no metrics.jsonl); check the path")
+    out = Path(args.out)
+    summary = merge_federations(cfg, out, parts)
+    if not args.quiet:
+        print(f"wrote {out}/summary.json and metrics.jsonl; mean personalised perplexity {summary['mean_ppl']:.2f}")
     return 0
 
 
@@ -332,6 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a SuperLink and coordinator per inner node: leaves connect only to their region, the root only "
         "sees its children (issue 19)",
     )
+    p.add_argument(
+        "--isolation",
+        choices=["warm", "subprocess"],
+        default="warm",
+        help="warm: one long-lived ClientApp process per SuperNode (default); subprocess: Flower's own, a "
+        "fresh process per message (same results, slower)",
+    )
     p.set_defaults(func=_deploy_local)
 
     p = sub.add_parser("flower-app", help="write the Flower app and run config for a multi-host deployment")
@@ -340,7 +388,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-out", required=True, help="run directory on the SuperLink host (an absolute path there)")
     p.add_argument("--node-timeout", type=float, default=600.0, metavar="SECONDS", help="per-message timeout")
     p.add_argument("--connect-timeout", type=float, default=300.0, metavar="SECONDS", help="wait for SuperNodes")
+    p.add_argument("--nested", action="store_true", help="one run config per inner node (federations of federations)")
+    p.add_argument(
+        "--bridge-dir",
+        default="/run/worldlm",
+        help="--nested: where each region's coordinator opens its bridge socket on its host (default /run/worldlm)",
+    )
     p.set_defaults(func=_flower_app)
+
+    p = sub.add_parser("merge-federations", help="join the parts of a nested run into one run directory")
+    common(p)
+    p.add_argument("parts", nargs="+", help="each federation's part (its coordinator's --run-out/federations/<node>)")
+    p.add_argument("--out", required=True, help="the run directory to write (summary.json, metrics.jsonl)")
+    p.set_defaults(func=_merge_federations)
 
     p = sub.add_parser("compare", help="train several methods on the same tree and compare them")
     common(p)

@@ -357,6 +357,7 @@ def deploy_local(
     log: Callable[[str], None] = lambda m: print(f"worldlm: {m}", file=sys.stderr, flush=True),
     gpus: list[int] | None = None,
     nested: bool = False,
+    isolation: str = "warm",
 ) -> dict[str, Any]:
     """Run `cfg` through Flower SuperLinks and SuperNodes on 127.0.0.1; returns summary.json.
 
@@ -364,7 +365,11 @@ def deploy_local(
     (nested.py); the regions' runs start first, the root's last; a region whose SuperLink or coordinator
     exits sits out until it is back (`restart_dead` restarts it). `gpus`: pin the SuperNodes to these
     GPUs round-robin (one CUDA_VISIBLE_DEVICES each), as organisations with a GPU each would run them.
+    `isolation`: "warm" (one long-lived ClientApp process per SuperNode, warm.py) or "subprocess"
+    (Flower's own: a fresh ClientApp process per message); both give the same results bitwise.
     """
+    if isolation not in ("warm", "subprocess"):
+        raise WorldLMError(f"--isolation is 'warm' or 'subprocess', not '{isolation}'")
     require_flower()
     check_supported(cfg)
     if nested:
@@ -418,12 +423,24 @@ def deploy_local(
         return procs.start(f.key("superlink"), argv, logs / f"{f.log_name(f.key('superlink'))}.log")
 
     def start_supernode(f: _Federation, key: str) -> None:
+        """A SuperNode (and, warm, its ClientApp worker: one process for all its messages, see warm.py)."""
         values = f.supernodes[key]
         node_config = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in values.items())
-        argv = [_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{f.port}"]
-        argv += ["--port", str(free_port()), "--node-config", node_config]
+        port = free_port()
+        warm = [sys.executable, "-m", "worldlm.runners.flower.warm"]
+        argv = [*warm, "supernode"] if isolation == "warm" else [_bin("flower-supernode")]
+        argv += ["--insecure", "--superlink", f"127.0.0.1:{f.port}", "--port", str(port), "--node-config", node_config]
+        if isolation == "warm":
+            argv += ["--isolation", "process"]
         extra = node_env[values["node-name"]] if key.startswith("supernode:") else {}
-        procs.start(key, argv, logs / f"{f.log_name(key)}.log", extra)
+        node = procs.start(key, argv, logs / f"{f.log_name(key)}.log", extra)
+        if isolation == "warm":
+            worker = [*warm, "worker", "--runtime-api-address", f"127.0.0.1:{port}", "--parent-pid", str(node.proc.pid)]
+            procs.start(f"worker@{key}", worker, logs / f"{f.log_name('worker@' + key)}.log", extra)
+
+    def stop_supernode(key: str) -> None:
+        procs.stop(f"worker@{key}")
+        procs.stop(key)
 
     def start_run(f: _Federation, rejoin: bool = False) -> Started:
         argv = [_bin("flwr"), "run", str(app), f"worldlm-{f.name or 'local'}", "--run-config"]
@@ -434,7 +451,7 @@ def deploy_local(
         log(f"region '{f.name}': {why}; restarting its SuperLink, SuperNodes and coordinator")
         procs.stop(f.key("flwr-run"))
         for key in f.supernodes:
-            procs.stop(key)
+            stop_supernode(key)
         procs.stop(f.key("superlink"))
         _wait_for_port(f.port, start_superlink(f), 120.0)
         for key in f.supernodes:
@@ -489,10 +506,12 @@ def deploy_local(
                             restart_region(f, "its SuperLink or coordinator is gone")
                             continue
                     for key in f.supernodes:
-                        if dead(key, f"SuperNode '{key.split(':', 1)[1]}'", "its node is left out"):
-                            procs.stop(key)
+                        node = f"SuperNode '{key.split(':', 1)[1]}'"
+                        if dead(key, node, "its node is left out") or dead(f"worker@{key}", f"{node}'s worker", "it"):
+                            stop_supernode(key)
                             start_supernode(f, key)
-                            del dead_since[key]
+                            dead_since.pop(key, None)
+                            dead_since.pop(f"worker@{key}", None)
                             log(f"restarted SuperNode '{key.split(':', 1)[1]}'; it rejoins at the next round")
             follower.poll()
             summary = _result(cfg, out, feds, procs, root_run)
