@@ -228,14 +228,19 @@ def test_simulation_engine_equals_local_runner(data: Path, local_worldlm: Path, 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "options",
+    [[], ["--nested"], ["--isolation", "subprocess"]],  # warm flat (the default), warm nested, Flower's own
+)
 def test_deploy_local_equals_local_runner_and_stops_its_processes(
-    data: Path, local_worldlm: Path, tmp_path: Path, request: pytest.FixtureRequest
+    data: Path, local_worldlm: Path, tmp_path: Path, request: pytest.FixtureRequest, options: list[str]
 ) -> None:
     if "slow" not in str(request.config.getoption("markexpr") or ""):
         pytest.skip("a loopback deployment takes minutes: pytest -m slow, or scripts/flower_smoke.sh")
     out = tmp_path / "deploy"
     cfg = tiny_config(tmp_path, data, "worldlm")
-    assert main(["deploy-local", str(cfg), "--out", str(out), "--quiet"]) == 0
+    assert main(["deploy-local", str(cfg), "--out", str(out), "--quiet", *options]) == 0
     assert summary_of(out) == summary_of(local_worldlm)
+    assert _canonical(_records(out)) == _canonical(_records(local_worldlm))
     pids = json.loads((out / "flower" / "pids.json").read_text())
     assert pids == {}  # everything deploy-local started is gone

@@ -44,7 +44,9 @@ def make_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
             bridge = context.node_config.get("bridge")
             if bridge:  # nested: this SuperNode stands for a region whose own coordinator does the work
                 wait = float(context.node_config.get("bridge-wait", 300.0))
-                return Message(forward(str(bridge), msg.metadata.message_type, msg.content, wait), reply_to=msg)
+                ttl = msg.metadata.ttl
+                reply = forward(str(bridge), msg.metadata.message_type, msg.content, wait, ttl)
+                return Message(reply, reply_to=msg)
             return Message(handle(kind, msg.content, context, settings), reply_to=msg)
 
         return fn

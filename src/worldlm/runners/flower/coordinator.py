@@ -38,7 +38,7 @@ from worldlm.federation.tree import Tree
 from worldlm.federation.worldlm import Split, edge_event, sequential_span
 from worldlm.io import JsonlWriter, atomic_write_json, atomic_write_text
 from worldlm.model import ParamLayout
-from worldlm.runners.flower import wire
+from worldlm.runners.flower import Backoff, wire
 from worldlm.runners.flower.aliases import ALIASES, Aliases, rename_origins
 from worldlm.runners.flower.node import check_nested, check_supported, host_of
 from worldlm.runners.planning import (
@@ -105,9 +105,9 @@ class Dispatcher:
         resolve: Callable[[str], int | None],
         timeout: float,
         on_missing: Callable[[Call, str], None],
-        poll: float = 0.05,
     ) -> None:
-        self.grid, self.resolve, self.timeout, self.on_missing, self.poll = grid, resolve, timeout, on_missing, poll
+        self.grid, self.resolve, self.timeout, self.on_missing = grid, resolve, timeout, on_missing
+        self.poll = Backoff(first=0.02)  # replies come in bursts; long trainings in between
         self.pending: dict[str, tuple[_Task, float, Call]] = {}
         self.results: list[Any] = []
 
@@ -133,8 +133,10 @@ class Dispatcher:
                     del self.pending[mid]
                     self.on_missing(call, f"no reply within {self.timeout:g} s")
                     self._step(task, None)
-            if not replies and self.pending:
-                time.sleep(self.poll)
+            if replies:
+                self.poll.active()
+            elif self.pending:
+                self.poll.idle()
         return self.results
 
     def _step(self, task: _Task, value: Any) -> None:

@@ -195,25 +195,30 @@ def _decode(payload: bytes) -> tuple[str, RecordDict]:
     return payload[2 : 2 + n].decode(), recorddict_from_proto(proto)
 
 
-def forward(address: str, message_type: str, content: RecordDict, wait: float) -> RecordDict:
+def forward(address: str, message_type: str, content: RecordDict, wait: float, ttl: float | None = None) -> RecordDict:
     """The bridge's side: one message to the region's coordinator at `address`, its reply back.
 
     A socket that is not there yet (the region's coordinator still starting) is waited for up to `wait`
     seconds; a coordinator that fails answers with its one-line error, raised here (the parent's
-    coordinator then leaves the region out of the round)."""
+    coordinator then leaves the region out of the round). No reply within `ttl` (the message's own
+    time to live): the bridge gives up, so a hung coordinator never blocks the bridge's next message."""
     kind = BRIDGED.get(message_type)
     if kind is None:
         raise WorldLMError(f"a bridge SuperNode relays {', '.join(BRIDGED)}, not '{message_type}'")
     if address.startswith(INPROC):
         return _LOCAL[address.removeprefix(INPROC)](kind, content)
+    wait = min(wait, ttl) if ttl else wait
     deadline = time.monotonic() + wait
     while True:
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.connect(address)
+                sock.settimeout(ttl)
                 _send(sock, _encode(kind, content))
                 status, reply = _decode(_recv(sock))
             break
+        except TimeoutError:
+            raise WorldLMError(f"the region coordinator at {address} did not answer within {ttl:g} s") from None
         except (FileNotFoundError, ConnectionRefusedError):
             if time.monotonic() > deadline:
                 raise WorldLMError(

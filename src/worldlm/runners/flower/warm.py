@@ -12,9 +12,9 @@ one task per pod). Two small stand-ins, for a SuperNode started with `--isolatio
   context) minus the process exit. Imports and the node's set-up cache (`node._SIDES`) stay warm;
   the node's private state is still loaded and stored around every message, so results are bitwise
   those of a fresh process. It exits with its SuperNode (`--parent-pid`).
-- `supernode`: `flower-supernode` with its idle polls cut (Flower 1.41 sleeps a hard-coded 3 s
-  whenever the SuperLink has no message for it and 0.5 s while waiting for a reply; here at most
-  `WORLDLM_SUPERNODE_POLL` s, default 0.05), since a tree round is a chain of messages.
+- `supernode`: `flower-supernode` with its polls on a backoff (Flower 1.41 sleeps a hard-coded 3 s
+  whenever the SuperLink has no message for it and 0.5 s while waiting for a reply; here 0.05 s right
+  after a message, growing to 0.5 s while idle), since a tree round is a chain of messages.
 
 `deploy-local --isolation warm` (the default) uses both; `--isolation subprocess` is Flower's own.
 Both rely on Flower 1.41's internals (`flwr.supernode.runtime.run_clientapp`), which is why the Flower
@@ -34,9 +34,7 @@ from logging import ERROR, INFO
 from types import SimpleNamespace
 from typing import Any
 
-from worldlm.runners.flower import quiet_flower_env
-
-SUPERNODE_POLL = float(os.environ.get("WORLDLM_SUPERNODE_POLL", "0.05"))
+from worldlm.runners.flower import Backoff, quiet_flower_env
 
 
 def _client(address: str, token: str | None) -> Any:
@@ -106,7 +104,7 @@ class Worker:
                 heartbeat.stop()
                 client.close()
 
-    def serve(self, poll: float) -> None:
+    def serve(self, poll: Backoff) -> None:
         from flwr.proto.runtime_pb2 import AcquireTaskRequest
         from flwr.supercore import log
         from flwr.supercore.constant import TaskType
@@ -122,17 +120,31 @@ class Worker:
                 continue
             if res.HasField("task") and res.token:
                 self.run_task(res.token)
+                poll.active()
             else:
-                time.sleep(poll)
+                poll.idle()
+
+
+IDLE_SLEEP = 3  # Flower 1.41's SuperNode: seconds it sleeps when the SuperLink had no message for it
 
 
 def _fast_supernode() -> None:
-    """flower-supernode, its hard-coded idle polls capped at SUPERNODE_POLL seconds."""
+    """flower-supernode with its polls on a `Backoff`: its idle sleep (3 s in Flower 1.41) and its 0.5 s
+    waits for a reply, which mean a message is being handled (activity)."""
     import flwr.supernode.start_client_internal as internal
     from flwr.supernode.cli import flower_supernode
 
+    poll = Backoff(first=0.05)
+
+    def sleep(seconds: float) -> None:
+        if seconds == IDLE_SLEEP:
+            poll.idle()
+        else:
+            poll.active()
+            time.sleep(min(seconds, poll.first))
+
     capped = SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
-    capped.sleep = lambda s: time.sleep(min(s, SUPERNODE_POLL))
+    capped.sleep = sleep
     setattr(internal, "time", capped)  # noqa: B010 - the module's own `time`, only inside start_client_internal
     sys.argv[0] = "flower-supernode"
     flower_supernode()
@@ -149,13 +161,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("role", choices=["worker"])
     p.add_argument("--runtime-api-address", required=True, help="the SuperNode's --port, as host:port")
     p.add_argument("--parent-pid", type=int, help="exit when this process (the SuperNode) is gone")
-    p.add_argument("--poll", type=float, default=0.02, help="seconds between task polls when idle")
+    p.add_argument("--poll", type=float, default=0.5, help="longest wait between task polls when idle (seconds)")
     a = p.parse_args(args)
     if a.parent_pid:
         from flwr.supercore.app_utils import start_parent_process_monitor
 
         start_parent_process_monitor(a.parent_pid)
-    Worker(a.runtime_api_address).serve(a.poll)
+    Worker(a.runtime_api_address).serve(Backoff(cap=a.poll))
 
 
 if __name__ == "__main__":
