@@ -8,6 +8,9 @@
 - `wire.py`: what travels (float32 ArrayRecords) and how many bytes that is.
 - `app.py`: the `ServerApp` / `ClientApp` objects (`flwr run` loads them from here).
 - `engines.py`: the in-process message path, the simulation engine, and `deploy-local`.
+- `nested.py`, `aliases.py`: nested federations (a SuperLink and coordinator per inner node, regions
+  behind bridge SuperNodes, residual origins aliased at federation borders); `deploy.py`: `deploy-local`.
+- `warm.py`: one long-lived ClientApp process per SuperNode (deploy-local's default isolation).
 
 Both sides call the same pure functions of `worldlm.federation.worldlm` as the in-process runner,
 so the same config and seed give the same numbers. Flower is an optional extra: `pip install -e ".[flower]"`.

@@ -94,10 +94,19 @@ def write_run_config(
     return path
 
 
+_TAKEN: set[int] = set()  # ports this process handed out: the OS may offer a port again once it is closed
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free TCP port on 127.0.0.1 that this process has not handed out before (two SuperNodes started
+    one after another must not both get the port the first one has not bound yet)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _TAKEN:
+            _TAKEN.add(port)
+            return port
 
 
 def _bin(name: str) -> str:
