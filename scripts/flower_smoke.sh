@@ -18,15 +18,7 @@ SETS=${SETS:-}
 rm -rf "$OUT" && mkdir -p "$OUT"
 
 if [[ -z "${CONFIG:-}" ]]; then  # the tests' tiny synthetic 7-node tree (seconds per round)
-  "$PY" - "$OUT" <<'EOF'
-import sys
-from pathlib import Path
-sys.path.insert(0, "tests")
-from fixtures import make_prepared, tiny_config
-out = Path(sys.argv[1])
-cfg = tiny_config(out, make_prepared(out / "data"), "worldlm")
-cfg.rename(out / "config.toml")
-EOF
+  "$PY" scripts/tiny_config.py "$OUT"
   CONFIG=$OUT/config.toml
 fi
 # shellcheck disable=SC2086

@@ -9,19 +9,15 @@ SuperLinks is `slow` (tests/test_flower_deploy.py and scripts/flower_smoke.sh).
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-for _key, _value in {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-}.items():
-    os.environ.setdefault(_key, _value)
+from worldlm.runners.flower import quiet_flower_env
+
+quiet_flower_env()  # before Flower is imported: no telemetry, no update checks
 
 pytest.importorskip("flwr")
 
