@@ -183,3 +183,24 @@ def test_states_in_host_memory_give_the_same_run(data: Path, tmp_path: Path) -> 
     assert summary_of(host) == summary_of(default)
     with pytest.raises(ConfigError, match='must be false, true \\(disk\\) or "host"'):
         C.load_config(tiny_config(tmp_path, data), ['federation.offload_states="gpu"'])
+
+
+def test_host_states_move_every_tensor_of_a_node_state() -> None:
+    from worldlm.federation.worldlm import NodeState, Residual
+    from worldlm.runners.node_state import HostStates
+
+    # prepare: a state with every tensor the checkpoint holds but the server optimizer's (its load_state_dict
+    # reads its step count, which a device without values cannot give; resume tests cover its round trip)
+    st = NodeState(torch.zeros(6), None, [Residual(torch.ones(3), 0, "a")], [Residual(torch.ones(3), 1, "b")])
+    st.reference, st.child_keys, st.low_rounds = torch.ones(2, 3), {"a": torch.ones(2, 3)}, {"a": 2}
+    states = HostStates(torch.device("meta"))  # a device without values: anything left behind shows
+    states["q"] = st
+    # execute
+    moved = states["q"]
+    # assert: the same object, every tensor on the working device, the metadata kept
+    tensors = [moved.params, moved.reference, *moved.child_keys.values()]
+    tensors += [r.vector for r in moved.to_aggregate + moved.to_route]
+    assert moved is st
+    assert {t.device.type for t in tensors if t is not None} == {"meta"}
+    assert [(r.position, r.origin) for r in moved.to_aggregate + moved.to_route] == [(0, "a"), (1, "b")]
+    assert moved.low_rounds == {"a": 2} and list(moved.child_keys) == ["a"]

@@ -165,16 +165,10 @@ class DiskStates(NodeStates):
 
 
 def _moved(st: NodeState, device: torch.device) -> NodeState:
-    """`st` with every tensor on `device` (the server optimizer's state included); the same object."""
-    if st.params.device == device:
-        return st
-    st.params = st.params.to(device)
-    if st.server_opt is not None:
-        st.server_opt.load_state_dict({k: v.to(device) for k, v in st.server_opt.state_dict().items()})
-    for queue in (st.to_aggregate, st.to_route):
-        queue[:] = [Residual(r.vector.to(device), r.position, r.origin) for r in queue]
-    st.reference = None if st.reference is None else st.reference.to(device)
-    st.child_keys = {c: k.to(device) for c, k in st.child_keys.items()}
+    """`st` with every tensor on `device`: what `encode_state` holds of it, loaded back there (the same
+    object, its server optimizer included), so a field added to the checkpoint moves with it."""
+    if st.params.device != device:
+        load_state(st, encode_state(st), device)
     return st
 
 
