@@ -75,6 +75,7 @@ def specs(*rows: tuple[str, str, tuple[str, ...]]) -> list[NodeSpec]:
         (specs(("r", "", ("x",)), ("a", "r", ("x",)), ("a", "r", ("y",))), "duplicate tree node name(s): a"),
         (specs(("r", "", ()), ("a", "r", ())), "tree node 'r' has no data"),
         (specs(("r", "", ("x",)), ("a", "a", ("x",))), "is its own parent"),
+        (specs(("r", "", ("x",)), ("west#1", "r", ("x",))), "tree node name 'west#1' has characters"),
         ([], "no nodes"),
     ],
 )
