@@ -78,6 +78,18 @@ def test_inprocess_messages_equal_local_runner_bitwise(data: Path, local_worldlm
         ("worldlm", ["federation.sub_rounds=2", "train.rounds=1", "federation.route_to_origin=true"]),
         # issue 16: record-level DP-SGD at a DP node (its accountant, noise generator and sampler between messages)
         ("worldlm", ["dp.nodes=['fr']", 'dp.unit="record"', "train.rounds=2"]),
+        # issue 16: node-level DP (fixed bound), noise at the DP nodes, then at their parent with a budget stop
+        ("worldlm", ["dp.nodes=['fr', 'it']", 'dp.clip="fixed"', "train.rounds=2"]),
+        (
+            "worldlm",
+            [
+                "dp.nodes=['fr', 'it']",
+                'dp.clip="fixed"',
+                'dp.noise="central"',
+                "dp.epsilon_budget=12",
+                "train.rounds=3",
+            ],
+        ),
         # issue 15: the nodes keep their reference keys and outlier counts between messages
         (
             "worldlm",
@@ -202,7 +214,7 @@ def test_node_private_state_round_trips(data: Path, tmp_path: Path) -> None:
     ("method", "sets", "message"),
     [
         ("centralized", [], "pools"),
-        ("worldlm", ["dp.nodes=['fr']"], "node-level differential privacy"),
+        ("worldlm", ["dp.nodes=['fr']"], "dp.clip = 'median' sets each parent's bound"),
         ("worldlm", ['federation.schedule="parallel"'], "parallel"),
         ("fl", ["eval.trace_round=0"], "trace_round"),
     ],

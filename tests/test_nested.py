@@ -99,6 +99,7 @@ def _canonical(run_dir: Path) -> list[str]:
         ("hierfavg", ["train.rounds=1"], True),  # the root's model everywhere, + ft from the regions
         ("fedper", ["eval.model=deployed", "train.rounds=1"], True),  # deployed models go down through bridges
         ("worldlm", ["dp.nodes=['fr']", 'dp.unit="record"', "train.rounds=2"], False),  # privacy records
+        ("worldlm", ["dp.nodes=['fr', 'it']", 'dp.clip="fixed"', 'dp.noise="central"'], False),  # node-level DP
     ],
 )
 def test_nested_equals_the_in_process_runner_bitwise(

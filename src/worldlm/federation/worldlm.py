@@ -135,7 +135,7 @@ class Privatizer(Protocol):
         """What `parent` aggregates of its children's messages (central DP noise; else `updates` as they are)."""
 
 
-def _uses_keys(split: Split, opts: FedOptions) -> bool:
+def uses_keys(split: Split, opts: FedOptions) -> bool:
     return split.key_blocks > 0 and opts.share_keys
 
 
@@ -195,7 +195,7 @@ def aggregate_subtree(
     deltas = torch.stack([split.backbone(p) - backbone for p in trained])  # A: Δ_c = B_c − B
     new_backbone = server_opt.step(backbone, deltas.mean(dim=0))  # B: ServerOpt(mean Δ)
     node_keys = split.keys(own if own is not None else node_params) if split.key_blocks else backbone[:0]
-    if not _uses_keys(split, opts):
+    if not uses_keys(split, opts):
         return split.join(new_backbone, node_keys), [], None
     child_keys = torch.stack([split.keys(u.params) for u in updates])  # [C, L, D]
     members = torch.cat([node_keys.unsqueeze(0), child_keys])  # [M, L, D], member 0 = q
@@ -301,13 +301,13 @@ def accept_from_parent(
 
 def start_visit(st: NodeState, split: Split, opts: FedOptions) -> None:
     """A node's (sub-)visit begins, before its training: remember the keys it starts from (similarity "updates")."""
-    if opts.similarity.kind == "updates" and _uses_keys(split, opts):
+    if opts.similarity.kind == "updates" and uses_keys(split, opts):
         st.reference = split.keys(st.params).clone()
 
 
 def initial_child_keys(st: NodeState, children: list[str], split: Split, opts: FedOptions) -> None:
     """Before round 0 every child holds the initial model: what its parent knows of its key layers."""
-    if _uses_keys(split, opts):
+    if uses_keys(split, opts):
         st.child_keys = {c: split.keys(st.params).clone() for c in children}
 
 
@@ -320,7 +320,7 @@ def route_pending(
     Empties D_r; returns (residual, destination child or None, similarity) per residual.
     """
     pending, st.to_route = st.to_route, []
-    if not pending or not _uses_keys(split, opts):
+    if not pending or not uses_keys(split, opts):
         return []
     sent = split.keys(st.params) if opts.similarity.kind == "updates" else None  # the model the children get next
     own = split.keys(st.params)  # a child never heard from (no update yet) is taken to hold what q holds
@@ -350,7 +350,7 @@ def aggregate_step(
     st.params, picked, weights = aggregate_subtree(
         st.params, updates, senders, st.server_opt, split, opts, own, st.reference
     )
-    if _uses_keys(split, opts):  # what q now knows of its children's key layers (routing's next input)
+    if uses_keys(split, opts):  # what q now knows of its children's key layers (routing's next input)
         for child, u in zip(senders, updates, strict=True):
             st.child_keys[child] = split.keys(u.params).clone()
     outliers: list[tuple[str, float, int]] = []
@@ -542,7 +542,7 @@ def run_round(
             assert st.server_opt is not None, f"inner node {q} has no server optimizer"
             if privacy is not None:  # dp.noise = "central": q noises its DP children's sum (§4.2 variant)
                 with phase("privacy"):
-                    updates = privacy.combine(q, senders, updates, st.params, split, _uses_keys(split, opts))
+                    updates = privacy.combine(q, senders, updates, st.params, split, uses_keys(split, opts))
             with phase("aggregation"):
                 picked, weights, to_parent, outliers = aggregate_step(
                     st, updates, senders, q == tree.root, split, opts, own
@@ -560,7 +560,7 @@ def run_round(
         sent: Update | None = message
         if privacy is not None and q in received:  # DPFedAvg: what leaves a DP node is privatised (§4.2)
             with phase("privacy"):
-                sent = privacy.release(q, message, received.pop(q), split, _uses_keys(split, opts))
+                sent = privacy.release(q, message, received.pop(q), split, uses_keys(split, opts))
         release(q)
         return sent
 

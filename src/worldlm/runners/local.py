@@ -45,8 +45,8 @@ from worldlm.runners.records import (
     all_diverged,
     diverged_message,
     eval_record,
+    privacy_summary,
     record_dp_record,
-    record_privacy_summary,
     run_summary,
     trace_record,
     train_record,
@@ -422,22 +422,9 @@ class LocalRun:
             latest = {
                 n: record_dp_record(self.round - 1, n, dp, self.cfg.dp.delta) for n, dp in self.trainer.private.items()
             }
-            return record_privacy_summary(self.cfg, latest)
-        if not self.privacy:
-            return {}
-        privs = list(self.privacy.values())
-        return {
-            "privacy": {
-                "unit": "node",
-                "delta": self.cfg.dp.delta,
-                "epsilon": {r["node"]: r["epsilon"] for p in privs for r in p.records()},
-                "sigma": self.cfg.dp.sigma,
-                "clip_rule": self.cfg.dp.clip,
-                "releases": {r["node"]: r["releases"] for p in privs for r in p.records()},
-                "stopped": sorted(n for p in privs for n in p.stopped),
-                "accountant": "dp-accounting RDP, Gaussian mechanism per release, add-or-remove adjacency",
-            }
-        }
+        else:
+            latest = {r["node"]: r for p in self.privacy.values() for r in p.records()}
+        return privacy_summary(self.cfg, latest)
 
 
 def _node_part(states: NodeStates, name: str) -> Part:

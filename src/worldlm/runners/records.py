@@ -182,3 +182,28 @@ def record_privacy_summary(cfg: C.Config, latest: dict[str, dict[str, Any]]) -> 
             "accountant": "Opacus RDP, Poisson-subsampled Gaussian per DP-SGD step, a record = one window",
         }
     }
+
+
+def node_privacy_summary(cfg: C.Config, latest: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """summary.json's `privacy` of a node-level DP run (DPFedAvg, §4.2) from each DP node's latest record."""
+    return {
+        "privacy": {
+            "unit": "node",
+            "delta": cfg.dp.delta,
+            "epsilon": {n: r["epsilon"] for n, r in latest.items()},
+            "sigma": cfg.dp.sigma,
+            "clip_rule": cfg.dp.clip,
+            "releases": {n: r["releases"] for n, r in latest.items()},
+            "stopped": sorted(n for n, r in latest.items() if r["stopped"]),
+            "accountant": "dp-accounting RDP, Gaussian mechanism per release, add-or-remove adjacency",
+        }
+    }
+
+
+def privacy_summary(cfg: C.Config, latest: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """summary.json's `privacy` from each DP node's latest `privacy` record (record- or node-level); {} without DP."""
+    if not latest:
+        return {}
+    if cfg.dp.unit == "record":
+        return record_privacy_summary(cfg, latest)
+    return node_privacy_summary(cfg, latest)

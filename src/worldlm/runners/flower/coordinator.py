@@ -49,7 +49,7 @@ from worldlm.runners.planning import (
     train_tokens,
     tree_from_config,
 )
-from worldlm.runners.records import all_diverged, diverged_message, eval_record, record_privacy_summary, run_summary
+from worldlm.runners.records import all_diverged, diverged_message, eval_record, privacy_summary, run_summary
 from worldlm.tensorboard import metrics_writer
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -373,7 +373,8 @@ class Coordinator:
         self.dispatcher = Dispatcher(grid, self._resolve, timeout, self._missing)
         self.edge_bytes: dict[str, int] = {}
         self.metrics: JsonlWriter | None = None
-        self.record_dp: dict[str, dict[str, Any]] = {}  # record-level DP nodes' latest privacy records
+        self.record_dp: dict[str, dict[str, Any]] = {}  # DP nodes' latest privacy records
+        self.round_privacy: dict[str, dict[str, Any]] = {}  # node-level DP records of this round, written after it
         self.trained = 0  # train.visit replies this round
         self.round_losses: list[float] = []  # training losses the nodes reported this round
 
@@ -397,9 +398,12 @@ class Coordinator:
 
     def _node_log(self, reply: Message) -> None:
         for record in wire.json_from(reply.content, "log") or []:
-            self._write(record)
-            if record.get("event") == "privacy" and record.get("unit") == "record":
+            if record.get("event") == "privacy":
                 self.record_dp[str(record["node"])] = record  # the latest: summary.json's privacy
+                if record.get("unit") != "record":  # node-level: one record per round, after it (as in-process)
+                    self.round_privacy[str(record["node"])] = record
+                    continue
+            self._write(record)
             if record.get("split") == "train":
                 self.round_losses.append(float(record["loss"]))
             for event in step_events(record, self.feds_steps, self.cfg):
@@ -432,10 +436,12 @@ class Coordinator:
                 downs.append(d)
             updates = yield Gather([self._visit(fed, c, rnd, step, q, d) for c, d in zip(children, downs, strict=True)])
             step += max(sequential_span(tree, c, opts) for c in children)
-            senders = [c for c, u in zip(children, updates, strict=True) if u is not None]
+            # None: left out; no update: a DP child whose ε budget is spent withheld it (it logged dp_withheld)
+            sent = [u is not None and "update" in u.content.array_records for u in updates]
+            senders = [c for c, ok in zip(children, sent, strict=True) if ok]
             agg = RecordDict()
-            for c, u in zip(children, updates, strict=True):
-                if u is None:
+            for c, u, ok in zip(children, updates, sent, strict=True):
+                if not ok:
                     continue
                 agg[f"update/{c}"] = u.content.array_records["update"]
                 wire.copy_residuals(u.content, "residuals", agg, f"residuals/{c}")
@@ -596,6 +602,7 @@ class Coordinator:
                     for f in self.feds
                 ]
                 self.dispatcher.run(jobs)
+                self.flush_privacy()
                 if self.trained == 0:
                     raise WorldLMError(f"round {rnd}: no node answered; see the log above")
                 stop = all_diverged(self.round_losses)
@@ -631,6 +638,12 @@ class Coordinator:
         summary = federated_summary(cfg, self.tree.order, evals, self.edge_bytes, self.record_dp, facts)
         atomic_write_json(self.out / "summary.json", summary)
         return summary
+
+    def flush_privacy(self) -> None:
+        """Node-level DP: each DP node's privacy record of the round that ended (the in-process runner's)."""
+        for record in self.round_privacy.values():
+            self._write(record)
+        self.round_privacy = {}
 
     def rejoin(self, rnd: int) -> None:
         """Greet SuperNodes that (re)started since the last round; a `rejoined` record for each."""
@@ -679,6 +692,4 @@ def federated_summary(
         facts["diverged_round"],
         fine_tuned,
     )
-    if record_dp:
-        summary |= record_privacy_summary(cfg, record_dp)
-    return summary
+    return summary | privacy_summary(cfg, record_dp)

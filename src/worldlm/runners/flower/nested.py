@@ -140,9 +140,12 @@ class RegionCoordinator(Coordinator):
         self.trained, self.round_losses = 0, []
         fed = self.feds[0]
         [final] = self.dispatcher.run([self._visit(fed, self.region, rnd, step, parent, content)])
+        self.flush_privacy()
         if final is None:
             raise WorldLMError(f"round {rnd}: region '{self.region}': its own node did not answer")
-        reply = RecordDict({"update": final.content.array_records["update"]})
+        reply = RecordDict()
+        if "update" in final.content.array_records:  # none: the region is a DP node that withheld it
+            reply["update"] = final.content.array_records["update"]
         wire.copy_residuals(final.content, "residuals", reply, "residuals")
         rename_origins(reply, "residuals", self.aliases.hide_inside(self.tree.subtree(self.region), self.region))
         finite = any(math.isfinite(x) for x in self.round_losses)
@@ -309,7 +312,7 @@ def merge_federations(cfg: C.Config, out: Path, parts: list[Path]) -> dict[str, 
         elif r.get("event") == "edge":
             key = f"{r['src']}->{r['dst']}"
             edges[key] = edges.get(key, 0) + int(r["bytes"])
-        elif r.get("event") == "privacy" and r.get("unit") == "record":
+        elif r.get("event") == "privacy":
             record_dp[str(r["node"])] = r
     tree = tree_from_config(cfg)
     summary = federated_summary(cfg, list(tree.order), evals, edges, record_dp, facts)

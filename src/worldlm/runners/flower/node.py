@@ -50,6 +50,7 @@ from worldlm.federation.worldlm import (
     route_event,
     route_pending,
     start_visit,
+    uses_keys,
 )
 from worldlm.io import atomic_write_bytes
 from worldlm.runners.checkpoint import Part
@@ -58,6 +59,7 @@ from worldlm.runners.node_state import adam_part, encode_state, load_adam, load_
 from worldlm.runners.planning import (
     Federation,
     initial_state,
+    make_privacy,
     server_opt_for,
     set_up,
     training_node,
@@ -77,10 +79,11 @@ def check_supported(cfg: C.Config) -> None:
             "method 'centralized' pools every node's raw text in one place, which a federation never does; "
             "run it with the in-process runner (worldlm train CONFIG) as the reference it is"
         )
-    if C.dp_nodes(cfg) and cfg.dp.unit == "node":
+    if C.dp_nodes(cfg) and cfg.dp.unit == "node" and cfg.dp.clip != "fixed":
         raise WorldLMError(
-            "node-level differential privacy (dp.unit = 'node') is not available on the Flower runner yet; "
-            "run it with the in-process runner, or use record-level DP (dp.unit = 'record')"
+            f"node-level differential privacy with dp.clip = '{cfg.dp.clip}' sets each parent's bound from all its "
+            "DP children's norms, which the Flower runner does not gather yet; use dp.clip = 'fixed' or the "
+            "in-process runner"
         )
     if C.is_hierarchy(cfg) and cfg.federation.schedule == "parallel":
         raise WorldLMError(
@@ -128,6 +131,7 @@ class Hosted:
     name: str
     state: NodeState
     outbox: list[Residual] = field(default_factory=list)  # residuals for the parent, over this visit's sub-rounds
+    received: Tensor | None = None  # node-level DP: the parent's model this visit started from (the reference)
 
 
 class NodeSide:
@@ -176,6 +180,9 @@ class NodeSide:
             self.model, self.layout, self.client, self.schedule, compute=self.compute, forward=self.forward
         )
         self.trainer.on_train = self._on_train
+        # node-level DP (§4.2, dp.clip "fixed"): each federation's Privacy, of which this node uses its own
+        # noise generator and accountant (a DP node) or its central generator (a DP node's parent)
+        self.privacy = {id(fed): p for fed in self.feds if (p := make_privacy(self.cfg, fed)) is not None}
         self.hosted: dict[str, Hosted] = {}
         for name, fed in self.engine.items():
             node = fed.tree[name]
@@ -195,12 +202,18 @@ class NodeSide:
             meta["states"][name] = part.meta
             tensors.update({f"{name}/outbox/{j}": r.vector for j, r in enumerate(h.outbox)})
             meta["outbox"][name] = [[r.position, r.origin] for r in h.outbox]
+            if h.received is not None:
+                tensors[f"{name}/received"] = h.received
         for name, opt in self.trainer.opts.items():
             tensors.update({f"adam/{name}/{k}": v for k, v in adam_part(opt).tensors.items()})
         meta["samplers"] = {name: s.state() for name, s in self.trainer.samplers.items()}
         for name, dp_sgd in self.trainer.private.items():  # DP-SGD noise generator and accountant history
             dp_tensors, meta["record_dp"][name] = dp_sgd.state_dict()
             tensors.update({f"record-dp/{name}/{k}": v for k, v in dp_tensors.items()})
+        meta["privacy"] = {}
+        for key, priv in enumerate(self.privacy.values()):
+            priv_tensors, meta["privacy"][str(key)] = priv.state_dict()
+            tensors.update({f"privacy/{key}/{k}": v for k, v in priv_tensors.items()})
         header = {"meta": json.dumps(meta)}
         try:
             return save_safetensors({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=header)
@@ -225,12 +238,15 @@ class NodeSide:
             load_state(h.state, Part(prefixed(f"{name}/state/"), meta["states"][name]), self.compute.device)
             outbox = meta["outbox"][name]
             h.outbox = [Residual(t[f"{name}/outbox/{j}"], int(pos), str(o)) for j, (pos, o) in enumerate(outbox)]
+            h.received = t.get(f"{name}/received")
         for name, opt in self.trainer.opts.items():
             load_adam(opt, Part(prefixed(f"adam/{name}/"), {}))
         for name, sampler in self.trainer.samplers.items():
             sampler.set_state(meta["samplers"][name])
         for name, dp_sgd in self.trainer.private.items():
             dp_sgd.load_state_dict(prefixed(f"record-dp/{name}/"), meta["record_dp"][name])
+        for key, priv in enumerate(self.privacy.values()):
+            priv.load_state_dict(prefixed(f"privacy/{key}/"), meta["privacy"][str(key)])
 
     # ------------------------------------------------------------------ handlers
 
@@ -263,8 +279,11 @@ class NodeSide:
         split, opts = fed.split, fed.opts
         rnd, step = int(str(c["round"])), int(str(c["step"]))
         log: list[dict[str, Any]] = []
+        privacy = self.privacy.get(id(fed))
         if "model" in content.array_records:
             parent = wire.model_from_record(content.array_records["model"], h.state.params, split)
+            if privacy is not None and privacy.applies(node):
+                h.received = parent.clone()  # the DP reference: release = this + privatised difference
             routed = wire.residuals_from(content, "routed")
             weights, used = accept_from_parent(h.state, parent, routed, tree.is_leaf(node), split, opts)
             if weights is not None:
@@ -281,7 +300,7 @@ class NodeSide:
         reply = RecordDict()
         children = list(tree[node].children)
         if not children:  # a leaf's visit ends here: its update goes up
-            reply["update"] = wire.model_record(h.state.params, split, opts)
+            self._send_up(h, Update(h.state.params.clone(), []), reply, rnd, log)
         else:
             routes = route_pending(h.state, children, tree, split, opts)
             routed_to: dict[str, list[Residual]] = {}
@@ -312,6 +331,9 @@ class NodeSide:
         ]
         log: list[dict[str, Any]] = []
         is_root = node == fed.tree.root
+        privacy = self.privacy.get(id(fed))
+        if updates and privacy is not None:  # dp.noise = "central": the noised mean of its DP children (§4.2)
+            updates = privacy.combine(node, senders, updates, h.state.params, split, uses_keys(split, opts))
         if updates:
             picked, weights, up, outliers = aggregate_step(h.state, updates, senders, is_root, split, opts)
             if weights is not None:
@@ -319,12 +341,32 @@ class NodeSide:
             log.extend(outlier_event(rnd, node, ch, w, n, opts, len(senders)) for ch, w, n in outliers)
             log.extend(pick_event(rnd, node, r) for r in picked)
             h.outbox.extend(up)
-        reply = RecordDict({"log": wire.json_record(log)})
+        reply = RecordDict()
         if bool(c["final"]) and not is_root:  # the end of this visit: the update and the gathered residuals go up
-            reply["update"] = wire.model_record(h.state.params, split, opts)
-            wire.residuals_into(reply, "residuals", h.outbox)
+            self._send_up(h, Update(h.state.params.clone(), h.outbox), reply, rnd, log)
             h.outbox = []
+        reply["log"] = wire.json_record(log)
         return reply
+
+    def _send_up(self, h: Hosted, message: Update, reply: RecordDict, rnd: int, log: list[dict[str, Any]]) -> None:
+        """What leaves a node for its parent: its update, or for a DP node its DP release (§4.2), or nothing
+        once its ε budget is spent (the parent aggregates without it), as the in-process runner sends."""
+        fed, node = h.fed, h.name
+        privacy = self.privacy.get(id(fed))
+        sent: Update | None = message
+        if privacy is not None and privacy.applies(node) and h.received is not None:
+            sent = privacy.release(node, message, h.received, fed.split, uses_keys(fed.split, fed.opts))
+            h.received = None
+            for event in privacy.events:  # its budget is spent: logged once, as the in-process runner does
+                log.append({**event, "round": rnd})
+            privacy.events.clear()
+            privacy.end_round()  # dp.clip "fixed": the bound stays; this round's norms are not kept
+            log.extend({"event": "privacy", "round": rnd, **r} for r in privacy.records() if r["node"] == node)
+        if sent is None:
+            log.append({"event": "dp_withheld", "round": rnd, "node": node, "parent": fed.tree[node].parent})
+            return
+        reply["update"] = wire.model_record(sent.params, fed.split, fed.opts)
+        wire.residuals_into(reply, "residuals", sent.residuals)
 
     def evaluate(self, content: RecordDict) -> RecordDict:
         """evaluate: each tree node's personalised model on its own held-out split (DESIGN §2 metric)."""
