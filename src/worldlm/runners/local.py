@@ -43,6 +43,7 @@ from worldlm.runners.planning import (
 )
 from worldlm.runners.records import (
     all_diverged,
+    budget_message,
     diverged_message,
     eval_record,
     privacy_summary,
@@ -172,12 +173,7 @@ class LocalRun:
         privacy.end_round()
         for event in privacy.events:  # a node reached dp.epsilon_budget: logged once, here and on stderr
             self._write({**event, "round": rnd})
-            print(
-                f"worldlm: DP node '{event['node']}' stops releasing updates in round {rnd}: its next release would "
-                f"reach epsilon {float(str(event['next_epsilon'])):.3g} > dp.epsilon_budget {event['budget']} "
-                f"(spent {float(str(event['epsilon'])):.3g}); its parent aggregates without it",
-                file=sys.stderr,
-            )
+            print(f"worldlm: {budget_message(event, rnd)}", file=sys.stderr)
         privacy.events.clear()
         for record in privacy.records():
             self._write({"event": "privacy", "round": rnd, **record})

@@ -70,6 +70,15 @@ def all_diverged(losses: Sequence[float]) -> bool:
     return bool(losses) and not any(math.isfinite(x) for x in losses)
 
 
+def budget_message(event: dict[str, Any], rnd: int) -> str:
+    """The stderr line when a node-level DP node reaches dp.epsilon_budget (every runner)."""
+    return (
+        f"DP node '{event['node']}' stops releasing updates in round {rnd}: its next release would "
+        f"reach epsilon {float(str(event['next_epsilon'])):.3g} > dp.epsilon_budget {event['budget']} "
+        f"(spent {float(str(event['epsilon'])):.3g}); its parent aggregates without it"
+    )
+
+
 def diverged_message(rnd: int, rounds: int) -> str:
     return (
         f"round {rnd}: every node's training loss is NaN/inf, the run diverged; stopping after round {rnd + 1} of "

@@ -49,7 +49,14 @@ from worldlm.runners.planning import (
     train_tokens,
     tree_from_config,
 )
-from worldlm.runners.records import all_diverged, diverged_message, eval_record, privacy_summary, run_summary
+from worldlm.runners.records import (
+    all_diverged,
+    budget_message,
+    diverged_message,
+    eval_record,
+    privacy_summary,
+    run_summary,
+)
 from worldlm.tensorboard import metrics_writer
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -403,6 +410,8 @@ class Coordinator:
                 if record.get("unit") != "record":  # node-level: one record per round, after it (as in-process)
                     self.round_privacy[str(record["node"])] = record
                     continue
+            if record.get("event") == "dp_budget_exhausted":
+                self.log(budget_message(record, int(record["round"])))
             self._write(record)
             if record.get("split") == "train":
                 self.round_losses.append(float(record["loss"]))
