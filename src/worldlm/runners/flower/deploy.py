@@ -41,7 +41,6 @@ from worldlm.runners.flower.nested import FINISHED, federation_dirs, merge_feder
 from worldlm.runners.flower.node import check_nested, check_supported
 from worldlm.runners.planning import engine_rounds, steps_per_round, tree_from_config
 
-CONNECTION = "worldlm-local"
 APP_PYPROJECT = """\
 # A Flower app whose components live in the installed worldlm package (worldlm.runners.flower.app).
 [build-system]
@@ -327,6 +326,11 @@ class _Federation:
     run_config: dict[str, Any]
     out: Path
 
+    @property
+    def connection(self) -> str:
+        """Its entry in FLWR_HOME/config.toml, which `flwr run` names."""
+        return f"worldlm-{self.name or 'local'}"
+
     def key(self, what: str) -> str:
         return f"{what}:{self.name}" if self.name else what
 
@@ -335,7 +339,7 @@ class _Federation:
 
 
 def _federations(
-    cfg: C.Config, out: Path, work: Path, sockets: Path, nested: bool, node_cfg: Callable[[str], dict[str, Any]]
+    cfg: C.Config, out: Path, sockets: Path, nested: bool, node_cfg: Callable[[str], dict[str, Any]]
 ) -> list[_Federation]:
     """The SuperLinks to start, root first; each with the SuperNodes that connect to it and its run config."""
     tree = tree_from_config(cfg)
@@ -408,7 +412,7 @@ def deploy_local(
             "threads": threads,
         }
 
-    feds = _federations(cfg, out, work, sockets, nested, node_cfg)
+    feds = _federations(cfg, out, sockets, nested, node_cfg)
     run_key = uuid.uuid4().hex[:12]  # the nodes' state files survive a region's run being resubmitted
 
     def run_config(f: _Federation, rejoin: bool) -> Path:
@@ -416,10 +420,10 @@ def deploy_local(
         extra = {**f.run_config, "run-key": run_key, "rejoin": int(rejoin)} if f.name else {}
         return write_run_config(work / name, cfg, f.out, timeout, connect_timeout, extra)
 
-    connections = {f"worldlm-{f.name or 'local'}": {"address": f"127.0.0.1:{f.port}", "insecure": True} for f in feds}
+    connections = {f.connection: {"address": f"127.0.0.1:{f.port}", "insecure": True} for f in feds}
     atomic_write_text(
         work / "home" / "config.toml",
-        tomli_w.dumps({"superlink": {"default": f"worldlm-{feds[0].name or 'local'}", **connections}}),
+        tomli_w.dumps({"superlink": {"default": feds[0].connection, **connections}}),
     )
     env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(work / "home")}
     # Flower starts its own helpers (flower-superexec, flwr-serverapp, flwr-clientapp) from PATH
@@ -452,7 +456,7 @@ def deploy_local(
         procs.stop(key)
 
     def start_run(f: _Federation, rejoin: bool = False) -> Started:
-        argv = [_bin("flwr"), "run", str(app), f"worldlm-{f.name or 'local'}", "--run-config"]
+        argv = [_bin("flwr"), "run", str(app), f.connection, "--run-config"]
         argv += [str(run_config(f, rejoin)), "--stream"]
         return procs.start(f.key("flwr-run"), argv, logs / f"{f.log_name(f.key('run'))}.log")
 
