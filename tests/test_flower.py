@@ -90,6 +90,11 @@ def test_inprocess_messages_equal_local_runner_bitwise(data: Path, local_worldlm
                 "train.rounds=3",
             ],
         ),
+        # the paper's median bound: the DP nodes' norms go up with their releases, the parent's bound comes down
+        ("worldlm", ["dp.nodes=['fr', 'it']", "train.rounds=3"]),
+        # adaptive bound (noisy clip bits) with sub-rounds, central noise, and a DP leaf of the FL server
+        ("worldlm", ["dp.nodes=['fr', 'ru']", 'dp.clip="adaptive"', "federation.sub_rounds=2", "train.rounds=2"]),
+        ("fl", ["dp.nodes=['fr', 'it']", 'dp.clip="adaptive"', 'dp.noise="central"', "train.rounds=1"]),
         # issue 15: the nodes keep their reference keys and outlier counts between messages
         (
             "worldlm",
@@ -214,7 +219,6 @@ def test_node_private_state_round_trips(data: Path, tmp_path: Path) -> None:
     ("method", "sets", "message"),
     [
         ("centralized", [], "pools"),
-        ("worldlm", ["dp.nodes=['fr']"], "dp.clip = 'median' sets each parent's bound"),
         ("worldlm", ['federation.schedule="parallel"'], "parallel"),
         ("fl", ["eval.trace_round=0"], "trace_round"),
     ],

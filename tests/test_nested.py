@@ -100,6 +100,8 @@ def _canonical(run_dir: Path) -> list[str]:
         ("fedper", ["eval.model=deployed", "train.rounds=1"], True),  # deployed models go down through bridges
         ("worldlm", ["dp.nodes=['fr']", 'dp.unit="record"', "train.rounds=2"], False),  # privacy records
         ("worldlm", ["dp.nodes=['fr', 'it']", 'dp.clip="fixed"', 'dp.noise="central"'], False),  # node-level DP
+        # median bounds, one of them a DP region's, across a bridge
+        ("worldlm", ["dp.nodes=['fr', 'south']", "train.rounds=3"], True),
     ],
 )
 def test_nested_equals_the_in_process_runner_bitwise(

@@ -440,6 +440,33 @@ def test_privacy_state_dict_round_trip_continues_identically(clip: str) -> None:
     assert first.clip == second.clip and first.epsilon("a") == second.epsilon("a")
 
 
+@pytest.mark.parametrize("clip", ["median", "adaptive"])
+def test_bounds_moved_along_edges_equal_end_round(clip: str) -> None:
+    """The Flower runner's form: each DP node and its parent in its own process (its own Privacy), the
+    statistics of a release going up with it, the parent's bound coming down with its model, a checkpoint
+    of the parent between rounds and a parent visited twice a round; the bounds are end_round's."""
+    nodes = {"a": "P", "b": "P"}
+    received = torch.zeros(SIZE, dtype=torch.float64)
+    one = privacy_for(nodes, clip=clip)  # the in-process runner: one object, end_round after every round
+    procs = {n: privacy_for(nodes, clip=clip) for n in (*nodes, "P")}  # one per process
+    for rnd in range(4):
+        for visit in range(2):  # two visits of P per round (a parent's own sub-rounds above it)
+            procs["P"].begin("P", rnd)
+            for i, n in enumerate(nodes):
+                update = update_with_norm(received, 0.5 + 3 * i + rnd + visit, 10 * rnd + i)
+                expected = one.release(n, update, received, SPLIT, True)
+                procs[n].set_bound(n, procs["P"].clip["P"])
+                got = procs[n].release(n, update, received, SPLIT, True)
+                assert expected is not None and got is not None and torch.equal(got.params, expected.params)
+                procs["P"].note("P", rnd, *procs[n].drain(n))
+        one.end_round()
+        tensors, state = procs["P"].state_dict()  # the parent's process restarts between rounds
+        procs["P"] = privacy_for(nodes, clip=clip)
+        procs["P"].load_state_dict(tensors, json.loads(json.dumps(state)))
+    procs["P"].begin("P", 4)
+    assert procs["P"].clip == one.clip and one.clip["P"] != 1.0
+
+
 # ---------------------------------------------------------------------------- central noise (issue 16 item 3)
 
 

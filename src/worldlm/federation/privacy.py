@@ -227,6 +227,7 @@ class Privacy:
         self.events: list[dict[str, object]] = []  # budget stops, drained by the runner
         self._norms: dict[str, list[float]] = {p: [] for p in self.clip}  # this round's raw norms
         self._bits: dict[str, list[float]] = {p: [] for p in self.clip}  # this round's noisy centred bits
+        self._noted: dict[str, int] = {}  # parent -> the round of its pending statistics (`note`)
         self._eps_cache: dict[str, float] = {}
 
     def applies(self, node: str) -> bool:
@@ -310,18 +311,51 @@ class Privacy:
 
     def end_round(self) -> None:
         """Set every parent's bound for the next round from this round's releases (paper §4.2 / Andrew et al.)."""
-        s = self.settings
         for parent in self.clip:
-            norms, bits = self._norms[parent], self._bits[parent]
-            if s.clip == "median" and norms:
-                median = statistics.median(norms)
-                if median > 0:  # all-zero updates (nothing trained) would collapse the bound for good
-                    self.clip[parent] = median
-            elif s.clip == "adaptive" and bits:
-                below = statistics.fmean(bits) + 0.5  # b̄: noisy fraction of updates under C
-                self.clip[parent] *= math.exp(-s.clip_lr * (below - s.target_quantile))
-            norms.clear()
-            bits.clear()
+            self.end_parent(parent)
+
+    def end_parent(self, parent: str) -> None:
+        """Set `parent`'s bound for the next round from the releases of its DP children it saw this round."""
+        s = self.settings
+        norms, bits = self._norms[parent], self._bits[parent]
+        if s.clip == "median" and norms:
+            median = statistics.median(norms)
+            if median > 0:  # all-zero updates (nothing trained) would collapse the bound for good
+                self.clip[parent] = median
+        elif s.clip == "adaptive" and bits:
+            below = statistics.fmean(bits) + 0.5  # b̄: noisy fraction of updates under C
+            self.clip[parent] *= math.exp(-s.clip_lr * (below - s.target_quantile))
+        norms.clear()
+        bits.clear()
+
+    # A deployment where each node is its own process (the Flower runner) moves what the bound needs along
+    # the tree's edges: a DP node `drain`s the statistics of its release and sends them up with it, its parent
+    # `note`s them and `begin`s each visit (ending the last round's there), and sends its bound down with its
+    # model (`set_bound`).
+
+    def drain(self, node: str) -> tuple[list[float], list[float]]:
+        """Right after DP node `node` released: what that release added to its parent's round (its raw norm,
+        and its noisy bit with adaptive clipping), taken back out of this process's lists to be sent up."""
+        parent = self.parents[node]
+        bits = [self._bits[parent].pop()] if self.settings.clip == "adaptive" else []
+        return [self._norms[parent].pop()], bits
+
+    def note(self, parent: str, rnd: int, norms: Sequence[float], bits: Sequence[float]) -> None:
+        """At `parent` in round `rnd`: the statistics one of its DP children sent with its release (`drain`)."""
+        self._norms[parent].extend(norms)
+        self._bits[parent].extend(bits)
+        self._noted[parent] = rnd
+
+    def begin(self, parent: str, rnd: int) -> None:
+        """At `parent` as it starts a visit in round `rnd`: what it noted in an earlier round sets its bound
+        now, as `end_round` would have at that round's end (a parent may be visited more than once a round)."""
+        if self._noted.get(parent, rnd) < rnd:
+            self.end_parent(parent)
+            del self._noted[parent]
+
+    def set_bound(self, node: str, bound: float) -> None:
+        """At DP node `node`: the clip bound its parent sent down with its model."""
+        self.clip[self.parents[node]] = bound
 
     def records(self) -> list[dict[str, object]]:
         """Per DP node: ε so far at δ, σ, the clip bound it used last, releases, whether it stopped."""
@@ -352,6 +386,7 @@ class Privacy:
             "stopped": sorted(self.stopped),
             "norms": self._norms,
             "bits": self._bits,
+            "noted": self._noted,
         }
         return tensors, state
 
@@ -368,4 +403,5 @@ class Privacy:
         self.stopped = set(state["stopped"])
         self._norms = {p: [float(v) for v in state["norms"][p]] for p in self.clip}
         self._bits = {p: [float(v) for v in state["bits"][p]] for p in self.clip}
+        self._noted = {p: int(r) for p, r in state.get("noted", {}).items()}  # absent in earlier checkpoints
         self._eps_cache.clear()

@@ -441,6 +441,8 @@ class Coordinator:
             downs = []
             for c in children:
                 d = RecordDict({"model": reply.content.array_records["model"]})
+                if "dp" in reply.content.config_records:  # q's clip bound for its DP children (§4.2)
+                    d["dp"] = reply.content.config_records["dp"]
                 wire.copy_residuals(reply.content, f"routed/{c}", d, "routed")
                 downs.append(d)
             updates = yield Gather([self._visit(fed, c, rnd, step, q, d) for c, d in zip(children, downs, strict=True)])
@@ -453,6 +455,8 @@ class Coordinator:
                 if not ok:
                     continue
                 agg[f"update/{c}"] = u.content.array_records["update"]
+                if "dp" in u.content.config_records:  # a DP child's release statistics, for q's next bound
+                    agg[f"dp/{c}"] = u.content.config_records["dp"]
                 wire.copy_residuals(u.content, "residuals", agg, f"residuals/{c}")
                 nbytes = wire.value_bytes(u.content.array_records["update"])
                 nbytes += wire.value_bytes(u.content.array_records.get("residuals"))
@@ -477,6 +481,8 @@ class Coordinator:
         if down is not None and parent is not None:
             content["model"] = down.array_records["model"]
             wire.copy_residuals(down, "routed", content, "routed")
+            if "dp" in down.config_records:
+                content["dp"] = down.config_records["dp"]
             cfg["parent"] = parent
             if q != self.scope:
                 nbytes = wire.value_bytes(content.array_records["model"])

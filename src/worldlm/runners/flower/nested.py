@@ -146,6 +146,8 @@ class RegionCoordinator(Coordinator):
         reply = RecordDict()
         if "update" in final.content.array_records:  # none: the region is a DP node that withheld it
             reply["update"] = final.content.array_records["update"]
+        if "dp" in final.content.config_records:  # the region is a DP node: its release's statistics go up
+            reply["dp"] = final.content.config_records["dp"]
         wire.copy_residuals(final.content, "residuals", reply, "residuals")
         rename_origins(reply, "residuals", self.aliases.hide_inside(self.tree.subtree(self.region), self.region))
         finite = any(math.isfinite(x) for x in self.round_losses)

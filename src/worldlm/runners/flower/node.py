@@ -79,12 +79,6 @@ def check_supported(cfg: C.Config) -> None:
             "method 'centralized' pools every node's raw text in one place, which a federation never does; "
             "run it with the in-process runner (worldlm train CONFIG) as the reference it is"
         )
-    if C.dp_nodes(cfg) and cfg.dp.unit == "node" and cfg.dp.clip != "fixed":
-        raise WorldLMError(
-            f"node-level differential privacy with dp.clip = '{cfg.dp.clip}' sets each parent's bound from all its "
-            "DP children's norms, which the Flower runner does not gather yet; use dp.clip = 'fixed' or the "
-            "in-process runner"
-        )
     if C.is_hierarchy(cfg) and cfg.federation.schedule == "parallel":
         raise WorldLMError(
             "federation.schedule = 'parallel' is not available on the Flower runner yet; "
@@ -180,8 +174,8 @@ class NodeSide:
             self.model, self.layout, self.client, self.schedule, compute=self.compute, forward=self.forward
         )
         self.trainer.on_train = self._on_train
-        # node-level DP (§4.2, dp.clip "fixed"): each federation's Privacy, of which this node uses its own
-        # noise generator and accountant (a DP node) or its central generator (a DP node's parent)
+        # node-level DP (§4.2): each federation's Privacy, of which this node uses its own noise generator,
+        # accountant and its parent's clip bound (a DP node) or its bound and central generator (a DP node's parent)
         self.privacy = {id(fed): p for fed in self.feds if (p := make_privacy(self.cfg, fed)) is not None}
         self.hosted: dict[str, Hosted] = {}
         for name, fed in self.engine.items():
@@ -284,10 +278,13 @@ class NodeSide:
             parent = wire.model_from_record(content.array_records["model"], h.state.params, split)
             if privacy is not None and privacy.applies(node):
                 h.received = parent.clone()  # the DP reference: release = this + privatised difference
+                privacy.set_bound(node, float(cast(float, content.config_records["dp"]["clip"])))
             routed = wire.residuals_from(content, "routed")
             weights, used = accept_from_parent(h.state, parent, routed, tree.is_leaf(node), split, opts)
             if weights is not None:
                 log.append(parent_attention_event(rnd, node, str(c["parent"]), used, weights))
+        if privacy is not None and node in privacy.clip:  # a DP node's parent: last round's releases set its bound
+            privacy.begin(node, rnd)
         start_visit(h.state, split, opts)
         n_steps = opts.local_steps[node]
         if n_steps > 0:  # 4.i: local training with ClientOpt on the global clock
@@ -309,6 +306,8 @@ class NodeSide:
                 if target is not None:
                     routed_to.setdefault(target, []).append(r)
             reply["model"] = wire.model_record(h.state.params, split, opts)
+            if privacy is not None and node in privacy.clip:  # its DP children clip to its bound (§4.2)
+                reply["dp"] = ConfigRecord({"clip": privacy.clip[node]})
             for ch, rs in routed_to.items():
                 wire.residuals_into(reply, f"routed/{ch}", rs)
         reply["log"] = wire.json_record(log)
@@ -333,6 +332,9 @@ class NodeSide:
         is_root = node == fed.tree.root
         privacy = self.privacy.get(id(fed))
         if updates and privacy is not None:  # dp.noise = "central": the noised mean of its DP children (§4.2)
+            for s in senders:  # the statistics its DP children's releases carried, for its next bound
+                if (stats := content.config_records.get(f"dp/{s}")) is not None:
+                    privacy.note(node, rnd, cast(list[float], stats["norms"]), cast(list[float], stats.get("bits", [])))
             updates = privacy.combine(node, senders, updates, h.state.params, split, uses_keys(split, opts))
         if updates:
             picked, weights, up, outliers = aggregate_step(h.state, updates, senders, is_root, split, opts)
@@ -360,7 +362,9 @@ class NodeSide:
             for event in privacy.events:  # its budget is spent: logged once, as the in-process runner does
                 log.append({**event, "round": rnd})
             privacy.events.clear()
-            privacy.end_round()  # dp.clip "fixed": the bound stays; this round's norms are not kept
+            if sent is not None:  # what its parent's next bound needs (median / adaptive clipping) goes up with it
+                norms, bits = privacy.drain(node)
+                reply["dp"] = ConfigRecord({"norms": norms, "bits": bits} if bits else {"norms": norms})
             log.extend({"event": "privacy", "round": rnd, **r} for r in privacy.records() if r["node"] == node)
         if sent is None:
             log.append({"event": "dp_withheld", "round": rnd, "node": node, "parent": fed.tree[node].parent})
