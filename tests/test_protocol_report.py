@@ -13,7 +13,7 @@ import pytest
 from fixtures import make_prepared, tiny_config
 from worldlm.cli import main
 from worldlm.errors import ConfigError
-from worldlm.experiment_report import value_at
+from worldlm.experiment_report import markdown, targeted_rows, value_at
 from worldlm.experiments import load_experiment
 
 EXPERIMENT = """
@@ -117,3 +117,33 @@ def test_trace_points_average_the_points_every_seed_has() -> None:
     new = SimpleNamespace(trace=[point("start", 3, 9.0), point("trained", 5, 4.0), point("aggregated", 9, 3.0)])
     points = trace_points([old, new])  # type: ignore[list-item]
     assert [(p["what"], p["val_loss_all"], p["seeds"]) for p in points] == [("trained", 3.0, 2), ("aggregated", 2.0, 2)]
+
+
+def test_privatised_nodes_and_the_others_are_compared_with_the_variant_without_dp() -> None:
+    def variant(nodes: dict[str, float]) -> dict[str, Any]:
+        return {"methods": {"worldlm": {"nodes": nodes}}}
+
+    variants = {
+        "no-dp": variant({"root": 10.0, "a": 20.0, "b": 40.0}),
+        "dp-a": variant({"root": 11.0, "a": 30.0, "b": 44.0}),
+        "dp-b": variant({"root": 10.0, "a": 20.0, "b": math.exp(50)}),  # b diverged
+    }
+    targeted = {"no-dp": frozenset(), "dp-a": frozenset({"a"}), "dp-b": frozenset({"b"})}
+    rows = targeted_rows(variants, targeted)
+    assert rows[0] == {
+        "variant": "dp-a",
+        "method": "worldlm",
+        "nodes": ["a"],
+        "targeted": 30.0,
+        "targeted_reference": 20.0,
+        "others": 27.5,  # root and b
+        "others_reference": 25.0,
+    }
+    report = {
+        "name": "t", "description": "", "command": "c", "date": "d", "experiment": "e", "seeds": [0], "set": [],
+        "runs_complete": 3, "runs_total": 3, "eval_models": "`deliverable`", "variants": {}, "runs": [],
+        "missing": [], "overview_plot": None, "targeted": rows, "reference_variant": "no-dp",
+    }  # fmt: skip
+    md = markdown(report)
+    assert "| `dp-a` | worldlm | a | 30.00 (1.50×) | 27.50 (1.10×) |" in md
+    assert "| `dp-b` | worldlm | b | diverged | 15.00 (1.00×) |" in md

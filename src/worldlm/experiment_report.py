@@ -181,6 +181,28 @@ def variant_stats(
     return stats, budget
 
 
+def targeted_rows(variants: dict[str, dict[str, Any]], targeted: dict[str, frozenset[str]]) -> list[dict[str, Any]]:
+    """Per variant that privatises or poisons nodes, per method: its test perplexity on those nodes and on the
+    others (means over nodes of the per-node means over seeds), each against the same nodes and method in the
+    reference variant, the first that touches no node (issue 16 item 4: do the others stay stable?)."""
+    reference = next((v for v, nodes in targeted.items() if not nodes), None)
+    rows = []
+    for name, nodes in targeted.items():
+        if not nodes:
+            continue
+        for m, s in variants[name]["methods"].items():
+            ref = variants[reference]["methods"].get(m) if reference is not None else None
+            row: dict[str, Any] = {"variant": name, "method": m, "nodes": sorted(nodes)}
+            for part, members in (
+                ("targeted", [n for n in s["nodes"] if n in nodes]),
+                ("others", [n for n in s["nodes"] if n not in nodes]),
+            ):
+                row[part] = float(np.mean([s["nodes"][n] for n in members]))
+                row[f"{part}_reference"] = float(np.mean([ref["nodes"][n] for n in members])) if ref else None
+            rows.append(row)
+    return rows
+
+
 def run_row(run: RunData, out_dir: Path) -> dict[str, Any]:
     s = run.summary
     return {
@@ -514,6 +536,31 @@ def _clean_md(stats: dict[str, dict[str, Any]]) -> list[str]:
     return ["", f"{what}: {cells}."]
 
 
+def _targeted_md(report: dict[str, Any]) -> list[str]:
+    """The privatised (or poisoned) nodes and the others, each against the variant that touches none."""
+    rows = report.get("targeted", [])
+    if not rows:
+        return []
+    reference = report.get("reference_variant")
+    against = f"in brackets the ratio to the same nodes and method in `{reference}`" if reference else "no reference"
+    lines = [
+        "## Privatised or attacked nodes and the others",
+        "",
+        f"Test perplexity, mean over the nodes (per-node means over seeds); {against}.",
+        "",
+        "| variant | method | nodes | on those nodes | on the other nodes |",
+        "|---|---|---|---:|---:|",
+    ]
+    for r in rows:
+        cells = []
+        for part in ("targeted", "others"):
+            ref = r[f"{part}_reference"]
+            ratio = f" ({_ratio(r[part] / ref)})" if ref and _ppl(r[part]) != "diverged" else ""
+            cells.append(f"{_ppl(r[part])}{ratio}")
+        lines.append(f"| `{r['variant']}` | {r['method']} | {', '.join(r['nodes'])} | {cells[0]} | {cells[1]} |")
+    return [*lines, ""]
+
+
 def _attention_md(rows: list[dict[str, Any]]) -> list[str]:
     """WorldLM's attention at each parent: how far each child's share is from uniform (issue 15)."""
     if not rows:
@@ -618,6 +665,7 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     if len(report["variants"]) > 1:
         lines += _overview_md(report)
+    lines += _targeted_md(report)
     for name, v in report["variants"].items():
         lines += _variant_md(name, v, len(v["seeds"]))
     return "\n".join(lines + _runs_md(report))
@@ -669,6 +717,9 @@ def write_report(exp: Experiment, specs: list[RunSpec], out_dir: Path, command: 
         "runs": [run_row(r, out_dir) for r in complete],
     }
     report["overview_plot"] = overview_plot(report, runs, out_dir)
+    targeted = {v: frozenset([*first_spec[v].cfg.attack.nodes, *C.dp_nodes(first_spec[v].cfg)]) for v in exp.variants}
+    report["reference_variant"] = next((v for v, nodes in targeted.items() if not nodes), None)
+    report["targeted"] = targeted_rows(variants, targeted)
     atomic_write_json(out_dir / "report.json", report)
     atomic_write_text(out_dir / "report.md", markdown(report))
     return out_dir / "report.md"
