@@ -13,7 +13,7 @@ import pytest
 from fixtures import make_prepared, tiny_config
 from worldlm.cli import main
 from worldlm.errors import ConfigError
-from worldlm.experiment_report import markdown, targeted_rows, value_at
+from worldlm.experiment_report import markdown, reference_variants, targeted_rows, value_at
 from worldlm.experiments import load_experiment
 
 EXPERIMENT = """
@@ -119,21 +119,37 @@ def test_trace_points_average_the_points_every_seed_has() -> None:
     assert [(p["what"], p["val_loss_all"], p["seeds"]) for p in points] == [("trained", 3.0, 2), ("aggregated", 2.0, 2)]
 
 
-def test_privatised_nodes_and_the_others_are_compared_with_the_variant_without_dp() -> None:
+def test_privatised_nodes_and_the_others_are_compared_with_the_same_variant_without_dp(tmp_path: Path) -> None:
+    (tmp_path / "e.toml").write_text(
+        'name = "e"\nbase = "b.toml"\nmethods = ["worldlm"]\nseeds = [0]\n'
+        "[variants.no-dp]\n[variants.dp-a]\nset = [\"dp.nodes=['a']\"]\n"
+        '[variants.slow]\nset = ["train.lr_max=1e-4"]\n'
+        '[variants.dp-b-slow]\nset = ["train.lr_max=1e-4", "dp.nodes=[\'b\']", "dp.sigma=1.0"]\n'
+        '[variants.dp-other]\nset = ["train.lr_max=1.0", "dp.nodes=[\'b\']"]\n'
+    )
+    (tmp_path / "b.toml").write_text("")
+    exp = load_experiment(tmp_path / "e.toml")
+    targeted = {"no-dp": frozenset(), "dp-a": frozenset("a"), "slow": frozenset(), "dp-b-slow": frozenset("b")}
+    targeted["dp-other"] = frozenset("b")
+    references = reference_variants(exp, targeted)
+    assert references == {"dp-a": "no-dp", "dp-b-slow": "slow", "dp-other": None}
+
     def variant(nodes: dict[str, float]) -> dict[str, Any]:
         return {"methods": {"worldlm": {"nodes": nodes}}}
 
     variants = {
         "no-dp": variant({"root": 10.0, "a": 20.0, "b": 40.0}),
         "dp-a": variant({"root": 11.0, "a": 30.0, "b": 44.0}),
-        "dp-b": variant({"root": 10.0, "a": 20.0, "b": math.exp(50)}),  # b diverged
+        "slow": variant({"root": 10.0, "a": 20.0, "b": 40.0}),
+        "dp-b-slow": variant({"root": 10.0, "a": 20.0, "b": math.exp(50)}),  # b diverged
+        "dp-other": variant({"root": 10.0, "a": 20.0, "b": 40.0}),
     }
-    targeted = {"no-dp": frozenset(), "dp-a": frozenset({"a"}), "dp-b": frozenset({"b"})}
-    rows = targeted_rows(variants, targeted)
+    rows = targeted_rows(variants, targeted, references)
     assert rows[0] == {
         "variant": "dp-a",
         "method": "worldlm",
         "nodes": ["a"],
+        "reference": "no-dp",
         "targeted": 30.0,
         "targeted_reference": 20.0,
         "others": 27.5,  # root and b
@@ -142,8 +158,9 @@ def test_privatised_nodes_and_the_others_are_compared_with_the_variant_without_d
     report = {
         "name": "t", "description": "", "command": "c", "date": "d", "experiment": "e", "seeds": [0], "set": [],
         "runs_complete": 3, "runs_total": 3, "eval_models": "`deliverable`", "variants": {}, "runs": [],
-        "missing": [], "overview_plot": None, "targeted": rows, "reference_variant": "no-dp",
+        "missing": [], "overview_plot": None, "targeted": rows,
     }  # fmt: skip
     md = markdown(report)
-    assert "| `dp-a` | worldlm | a | 30.00 (1.50×) | 27.50 (1.10×) |" in md
-    assert "| `dp-b` | worldlm | b | diverged | 15.00 (1.00×) |" in md
+    assert "| `dp-a` | worldlm | a | 30.00 (1.50×) | 27.50 (1.10×) | `no-dp` |" in md
+    assert "| `dp-b-slow` | worldlm | b | diverged | 15.00 (1.00×) | `slow` |" in md
+    assert "| `dp-other` | worldlm | b | 40.00 | 15.00 | – |" in md

@@ -181,18 +181,33 @@ def variant_stats(
     return stats, budget
 
 
-def targeted_rows(variants: dict[str, dict[str, Any]], targeted: dict[str, frozenset[str]]) -> list[dict[str, Any]]:
+TARGETING = ("dp.", "attack.")  # the overrides that privatise or poison nodes
+
+
+def reference_variants(exp: Experiment, targeted: dict[str, frozenset[str]]) -> dict[str, str | None]:
+    """Each variant that privatises or poisons nodes -> the variant that is the same without doing so: same
+    base config, same other overrides, no targeted node (None where the experiment has no such variant)."""
+
+    def rest(v: str) -> tuple[Path, tuple[str, ...]]:
+        var = exp.variants[v]
+        return var.base, tuple(sorted(x for x in var.set if not x.strip().startswith(TARGETING)))
+
+    clean = [v for v, nodes in targeted.items() if not nodes]
+    return {v: next((c for c in clean if rest(c) == rest(v)), None) for v, nodes in targeted.items() if nodes}
+
+
+def targeted_rows(
+    variants: dict[str, dict[str, Any]], targeted: dict[str, frozenset[str]], references: dict[str, str | None]
+) -> list[dict[str, Any]]:
     """Per variant that privatises or poisons nodes, per method: its test perplexity on those nodes and on the
-    others (means over nodes of the per-node means over seeds), each against the same nodes and method in the
-    reference variant, the first that touches no node (issue 16 item 4: do the others stay stable?)."""
-    reference = next((v for v, nodes in targeted.items() if not nodes), None)
+    others (means over nodes of the per-node means over seeds), each against the same nodes and method in its
+    reference variant (`reference_variants`; issue 16 item 4: do the others stay stable?)."""
     rows = []
-    for name, nodes in targeted.items():
-        if not nodes:
-            continue
+    for name, reference in references.items():
+        nodes = targeted[name]
         for m, s in variants[name]["methods"].items():
             ref = variants[reference]["methods"].get(m) if reference is not None else None
-            row: dict[str, Any] = {"variant": name, "method": m, "nodes": sorted(nodes)}
+            row: dict[str, Any] = {"variant": name, "method": m, "nodes": sorted(nodes), "reference": reference}
             for part, members in (
                 ("targeted", [n for n in s["nodes"] if n in nodes]),
                 ("others", [n for n in s["nodes"] if n not in nodes]),
@@ -536,20 +551,18 @@ def _clean_md(stats: dict[str, dict[str, Any]]) -> list[str]:
     return ["", f"{what}: {cells}."]
 
 
-def _targeted_md(report: dict[str, Any]) -> list[str]:
-    """The privatised (or poisoned) nodes and the others, each against the variant that touches none."""
-    rows = report.get("targeted", [])
+def _targeted_md(rows: list[dict[str, Any]]) -> list[str]:
+    """The privatised (or poisoned) nodes and the others, each against the same variant without doing so."""
     if not rows:
         return []
-    reference = report.get("reference_variant")
-    against = f"in brackets the ratio to the same nodes and method in `{reference}`" if reference else "no reference"
     lines = [
         "## Privatised or attacked nodes and the others",
         "",
-        f"Test perplexity, mean over the nodes (per-node means over seeds); {against}.",
+        "Test perplexity, mean over the nodes (per-node means over seeds); in brackets the ratio to the same "
+        "nodes and method in the reference variant (the same settings, no node privatised or attacked).",
         "",
-        "| variant | method | nodes | on those nodes | on the other nodes |",
-        "|---|---|---|---:|---:|",
+        "| variant | method | nodes | on those nodes | on the other nodes | reference |",
+        "|---|---|---|---:|---:|---|",
     ]
     for r in rows:
         cells = []
@@ -557,7 +570,10 @@ def _targeted_md(report: dict[str, Any]) -> list[str]:
             ref = r[f"{part}_reference"]
             ratio = f" ({_ratio(r[part] / ref)})" if ref and _ppl(r[part]) != "diverged" else ""
             cells.append(f"{_ppl(r[part])}{ratio}")
-        lines.append(f"| `{r['variant']}` | {r['method']} | {', '.join(r['nodes'])} | {cells[0]} | {cells[1]} |")
+        reference = f"`{r['reference']}`" if r["reference"] else "–"
+        lines.append(
+            f"| `{r['variant']}` | {r['method']} | {', '.join(r['nodes'])} | {cells[0]} | {cells[1]} | {reference} |"
+        )
     return [*lines, ""]
 
 
@@ -665,7 +681,7 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     if len(report["variants"]) > 1:
         lines += _overview_md(report)
-    lines += _targeted_md(report)
+    lines += _targeted_md(report.get("targeted", []))
     for name, v in report["variants"].items():
         lines += _variant_md(name, v, len(v["seeds"]))
     return "\n".join(lines + _runs_md(report))
@@ -718,8 +734,7 @@ def write_report(exp: Experiment, specs: list[RunSpec], out_dir: Path, command: 
     }
     report["overview_plot"] = overview_plot(report, runs, out_dir)
     targeted = {v: frozenset([*first_spec[v].cfg.attack.nodes, *C.dp_nodes(first_spec[v].cfg)]) for v in exp.variants}
-    report["reference_variant"] = next((v for v, nodes in targeted.items() if not nodes), None)
-    report["targeted"] = targeted_rows(variants, targeted)
+    report["targeted"] = targeted_rows(variants, targeted, reference_variants(exp, targeted))
     atomic_write_json(out_dir / "report.json", report)
     atomic_write_text(out_dir / "report.md", markdown(report))
     return out_dir / "report.md"
