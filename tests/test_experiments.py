@@ -103,6 +103,10 @@ def test_report_has_every_variant_method_and_node(micro: Micro) -> None:
         r"\| centralized \| \*\*[\d.]+\*\* \| [\d.]+ \| – \| [\d.]+× \| [\d.]+ \| [\d.]+ \| 1/1 \| 2 \| 12 \|", md
     )
     assert "| ru | " in md and report["command"] in md
+    # the validation overview: each method's lowest validation perplexity over the variants in bold
+    val = {v: report["variants"][v]["methods"]["worldlm"]["val_ppl"] for v in ("default", "no-residuals")}
+    cells = [f"**{x:.2f}**" if x == min(val.values()) else f"{x:.2f}" for x in val.values()]
+    assert f"| worldlm | {cells[0]} | {cells[1]} |" in md.split("the one every setting is chosen on")[1]
 
 
 def test_plots_exist_and_are_linked(micro: Micro) -> None:

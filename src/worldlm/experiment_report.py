@@ -476,6 +476,19 @@ def _overview_md(report: dict[str, Any]) -> list[str]:
             ratio = f" ({_ratio(s['mean_ppl'] / first[m]['mean_ppl'])})" if same else ""
             cells.append(f"{_mean_std(s['mean_ppl'], s['std_over_seeds'])}{ratio}" if s else "–")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Validation perplexity (mean over nodes and seeds), the one every setting is chosen on; **bold**: each "
+        "method's lowest.",
+        "",
+        "| method | " + " | ".join(f"`{v}`" for v in variants) + " |",
+        "|---|" + "---:|" * len(variants),
+    ]
+    for m in methods:
+        val = {v: s["val_ppl"] for v in variants if (s := report["variants"][v]["methods"].get(m))}
+        best = min((x for x in val.values() if _ppl(x) != "diverged"), default=None)
+        cells = [("–" if v not in val else f"**{_ppl(val[v])}**" if val[v] == best else _ppl(val[v])) for v in variants]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     if report["overview_plot"]:
         lines += ["", f"![validation perplexity by variant]({report['overview_plot']})"]
     return [*lines, ""]
