@@ -184,6 +184,11 @@ def variant_stats(
 TARGETING = ("dp.", "attack.")  # the overrides that privatise or poison nodes
 
 
+def targeted_nodes(cfg: C.Config) -> frozenset[str]:
+    """The nodes a run's config poisons (attack.nodes) or privatises (DP nodes)."""
+    return frozenset([*cfg.attack.nodes, *C.dp_nodes(cfg)])
+
+
 def reference_variants(exp: Experiment, targeted: dict[str, frozenset[str]]) -> dict[str, str | None]:
     """Each variant that privatises or poisons nodes -> the variant that is the same without doing so: same
     base config, same other overrides, no targeted node (None where the experiment has no such variant)."""
@@ -712,7 +717,7 @@ def write_report(exp: Experiment, specs: list[RunSpec], out_dir: Path, command: 
         runs[(r.spec.variant, r.spec.method)].append(r)
     first_spec = {v: next(s for s in specs if s.variant == v) for v in exp.variants}
     # nodes some variant poisons or privatises: the others' mean is the like-for-like comparison across variants
-    attacked = frozenset(n for s in specs for n in [*s.cfg.attack.nodes, *C.dp_nodes(s.cfg)])
+    attacked = frozenset().union(*(targeted_nodes(s.cfg) for s in specs))
     mixtures = mixture_files(exp, first_spec, out_dir)
     variants = {}
     for v in exp.variants.values():
@@ -746,7 +751,7 @@ def write_report(exp: Experiment, specs: list[RunSpec], out_dir: Path, command: 
         "runs": [run_row(r, out_dir) for r in complete],
     }
     report["overview_plot"] = overview_plot(report, runs, out_dir)
-    targeted = {v: frozenset([*first_spec[v].cfg.attack.nodes, *C.dp_nodes(first_spec[v].cfg)]) for v in exp.variants}
+    targeted = {v: targeted_nodes(first_spec[v].cfg) for v in exp.variants}
     report["targeted"] = targeted_rows(variants, targeted, reference_variants(exp, targeted))
     atomic_write_json(out_dir / "report.json", report)
     atomic_write_text(out_dir / "report.md", markdown(report))
