@@ -331,10 +331,11 @@ class NodeSide:
         log: list[dict[str, Any]] = []
         is_root = node == fed.tree.root
         privacy = self.privacy.get(id(fed))
-        if updates and privacy is not None:  # dp.noise = "central": the noised mean of its DP children (§4.2)
+        if updates and privacy is not None:  # node-level DP at a DP node's parent (§4.2)
             for s in senders:  # the statistics its DP children's releases carried, for its next bound
                 if (stats := content.config_records.get(f"dp/{s}")) is not None:
                     privacy.note(node, rnd, cast(list[float], stats["norms"]), cast(list[float], stats.get("bits", [])))
+            # dp.noise = "central": its DP children's updates become one noised mean
             updates = privacy.combine(node, senders, updates, h.state.params, split, uses_keys(split, opts))
         if updates:
             picked, weights, up, outliers = aggregate_step(h.state, updates, senders, is_root, split, opts)
