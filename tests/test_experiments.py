@@ -18,9 +18,11 @@ import pytest
 from fixtures import make_prepared, tiny_config
 from worldlm.cli import main
 from worldlm.config import Config
+from worldlm.data.prepared import load_prepared
 from worldlm.errors import ConfigError, DataError
 from worldlm.experiments import load_experiment, plan_runs
 from worldlm.runners import local
+from worldlm.runners.planning import node_spans, tree_from_config
 from worldlm.runners.resume import Interrupted
 
 MICRO = """
@@ -107,6 +109,20 @@ def test_report_has_every_variant_method_and_node(micro: Micro) -> None:
     val = {v: report["variants"][v]["methods"]["worldlm"]["val_ppl"] for v in ("default", "no-residuals")}
     cells = [f"**{x:.2f}**" if x == min(val.values()) else f"{x:.2f}" for x in val.values()]
     assert f"| worldlm | {cells[0]} | {cells[1]} |" in md.split("the one every setting is chosen on")[1]
+
+
+def test_passes_over_each_trainers_data_follow_its_tokens_and_shard(micro: Micro) -> None:
+    """WorldLM: every node trains 2 rounds x 2 steps x batch 4 x 32 tokens over its own shard; centralized
+    trains 12 sequential steps over everyone's pooled data, so it has one trainer."""
+    cfg = plan_runs(load_experiment(micro.experiment), micro.dir)[0].cfg
+    held = {
+        n: sum(s.size for s in sp)
+        for n, sp in node_spans(cfg, tree_from_config(cfg), load_prepared(cfg.data.path)).items()
+    }
+    stats = micro.report["variants"]["default"]["methods"]
+    assert stats["worldlm"]["data_passes"] == pytest.approx({n: 2 * 2 * 4 * 32 / size for n, size in held.items()})
+    assert stats["centralized"]["data_passes"] == pytest.approx({"centralized": 12 * 4 * 32 / sum(held.values())})
+    assert "| trainer | worldlm | centralized |" in micro.report_md and "| centralized | – | " in micro.report_md
 
 
 def test_plots_exist_and_are_linked(micro: Micro) -> None:

@@ -25,6 +25,8 @@ import numpy as np
 
 from worldlm import config as C
 from worldlm import plots
+from worldlm.data.mixture import Span, mixture_weights
+from worldlm.data.prepared import load_prepared
 from worldlm.experiments import Experiment, RunSpec, is_complete
 from worldlm.io import atomic_write_json, atomic_write_text
 
@@ -44,6 +46,7 @@ class RunData:
     trace: list[dict[str, Any]]  # eval.trace_round records
     tokens: int  # training tokens of all nodes in the whole run (its compute)
     outliers: list[dict[str, Any]]  # `outlier` events (issue 15)
+    node_tokens: dict[str, int]  # training tokens per trainer (its train records)
 
 
 def read_run(spec: RunSpec) -> RunData:
@@ -51,11 +54,13 @@ def read_run(spec: RunSpec) -> RunData:
     val_compute: dict[str, plots.Curve] = defaultdict(list)
     attention, routes, trace, outliers = [], [], [], []
     tokens = 0  # training tokens of all nodes so far: a round's evaluation follows its training
+    node_tokens: dict[str, int] = defaultdict(int)
     with (spec.dir / "metrics.jsonl").open(encoding="utf-8") as fh:
         for line in fh:
             rec = json.loads(line)
             if rec.get("split") == "train":
                 tokens += int(rec["tokens"])
+                node_tokens[rec["node"]] += int(rec["tokens"])
             elif rec.get("split") == "val":
                 val[rec["node"]].append((int(rec["step"]), float(rec["ppl"])))
                 val_compute[rec["node"]].append((tokens, float(rec["ppl"])))
@@ -68,7 +73,9 @@ def read_run(spec: RunSpec) -> RunData:
             elif rec.get("event") == "outlier":
                 outliers.append(rec)
     summary = json.loads((spec.dir / "summary.json").read_text(encoding="utf-8"))
-    return RunData(spec, summary, dict(val), dict(val_compute), attention, routes, trace, tokens, outliers)
+    return RunData(
+        spec, summary, dict(val), dict(val_compute), attention, routes, trace, tokens, outliers, dict(node_tokens)
+    )
 
 
 def mean_curve(curves: list[plots.Curve]) -> plots.Curve:
@@ -117,7 +124,17 @@ def method_stats(
         "wall_seconds_mean": float(np.mean([r.summary["wall_seconds"] for r in runs])),
         "nodes": {n: float(np.mean([r.summary["nodes"][n][f"ppl{ft}"] for r in runs])) for n in nodes},
         "privacy": None if fine_tuned else privacy_stats(runs),
+        "data_passes": None if fine_tuned else data_passes(runs),
     }
+
+
+def data_passes(runs: list[RunData]) -> dict[str, float]:
+    """Per trainer, how many times the run went over the training tokens it holds (mean over seeds): its
+    training tokens divided by its shard's (> 1: it saw its data more than once and can overfit it)."""
+    from worldlm.runners.planning import held_tokens
+
+    held = held_tokens(runs[0].spec.cfg, node_spans_of(runs[0].spec))
+    return {n: float(np.mean([r.node_tokens.get(n, 0) / size for r in runs])) for n, size in held.items() if size}
 
 
 def method_curve(runs: list[RunData], compute: bool = False) -> plots.Curve:
@@ -321,20 +338,19 @@ def flow_data(runs: list[RunData]) -> tuple[np.ndarray, list[str], list[str]]:
     return counts / len(runs), origins, dests
 
 
-def node_mixtures(spec: RunSpec) -> dict[str, dict[str, float]]:
-    """Each node's source proportions, recomputed from the tree and the manifest (paper A.2, A.1.1)."""
-    from worldlm.data.mixture import assign_shards, mixture_weights
-    from worldlm.data.prepared import load_prepared
-    from worldlm.runners.planning import tree_from_config
+def node_spans_of(spec: RunSpec) -> dict[str, list[Span]]:
+    """Each tree node's training spans, recomputed from the tree and the manifest as the run had them (A.2)."""
+    from worldlm.runners.planning import node_spans, tree_from_config
 
     cfg = spec.cfg
-    tree = tree_from_config(cfg)
-    data = load_prepared(cfg.data.path)
-    sizes = {src: data.splits[src]["train"].tokens for src in data.sources}
-    spans = assign_shards(tree, sizes, cfg.data.leaf_shards, cfg.data.inner_shards)
+    return node_spans(cfg, tree_from_config(cfg), load_prepared(cfg.data.path))
+
+
+def node_mixtures(spec: RunSpec) -> dict[str, dict[str, float]]:
+    """Each node's source proportions (paper A.2, A.1.1)."""
+    spans = node_spans_of(spec)
     return {
-        n: {sp.source: float(w) for sp, w in zip(spans[n], mixture_weights(spans[n]), strict=True)}
-        for n in tree.training_nodes
+        n: {sp.source: float(w) for sp, w in zip(sp_n, mixture_weights(sp_n), strict=True)} for n, sp_n in spans.items()
     }
 
 
@@ -561,10 +577,29 @@ def _variant_md(name: str, v: dict[str, Any], n_seeds: int) -> list[str]:
         "val_ppl_compute": "validation perplexity against compute",
         "trace": "one round traced",
     }
-    lines += _clean_md(stats) + _attention_md(v.get("attention", []))
+    lines += _passes_md(stats) + _clean_md(stats) + _attention_md(v.get("attention", []))
     for kind, path in v["plots"].items():
         lines += ["", f"![{captions[kind]}]({path})"]
     return [*lines, *_trace_md(v.get("trace", {})), ""]
+
+
+def _passes_md(stats: dict[str, dict[str, Any]]) -> list[str]:
+    """Per trainer and method: passes over the training tokens it holds (> 1: it has seen them before)."""
+    passes = {m: s["data_passes"] for m, s in stats.items() if s.get("data_passes")}
+    if not passes:
+        return []
+    trainers = list(dict.fromkeys(n for p in passes.values() for n in p))
+    lines = [
+        "",
+        "Passes over each trainer's training data (its training tokens ÷ the tokens it holds, mean over seeds; "
+        "above 1 it has seen its data before and can overfit it):",
+        "",
+        "| trainer | " + " | ".join(passes) + " |",
+        "|---|" + "---:|" * len(passes),
+    ]
+    for n in trainers:
+        lines.append(f"| {n} | " + " | ".join(f"{p[n]:.2f}" if n in p else "–" for p in passes.values()) + " |")
+    return lines
 
 
 def _clean_md(stats: dict[str, dict[str, Any]]) -> list[str]:

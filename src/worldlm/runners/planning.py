@@ -260,12 +260,26 @@ class RunSetup:
     forward: nn.Module  # what trains and evaluates: the model, or torch.compile of it (train.compile)
 
 
-def set_up(cfg: C.Config, data: Prepared) -> RunSetup:
-    tree = tree_from_config(cfg)
+def node_spans(cfg: C.Config, tree: Tree, data: Prepared) -> dict[str, list[Span]]:
+    """Each tree node's training data: its paper A.2 shards, capped at data.max_train_tokens when set."""
     train_sizes = {src: data.splits[src]["train"].tokens for src in data.sources}
     spans = assign_shards(tree, train_sizes, cfg.data.leaf_shards, cfg.data.inner_shards)
     if cfg.data.max_train_tokens > 0:  # the data-scarce regime: each node keeps only its first tokens
         spans = {n: cap_spans(sp, cfg.data.max_train_tokens) for n, sp in spans.items()}
+    return spans
+
+
+def held_tokens(cfg: C.Config, spans: dict[str, list[Span]]) -> dict[str, int]:
+    """Training tokens each trainer of `cfg.method` holds: every tree node its own, or, for centralized, its
+    one trainer everyone's pooled (as `plan` builds it). How often a run went over its data is a trainer's
+    training tokens divided by these."""
+    held = {n: sum(s.size for s in sp) for n, sp in spans.items()}
+    return {"centralized": sum(held.values())} if cfg.method == "centralized" else held
+
+
+def set_up(cfg: C.Config, data: Prepared) -> RunSetup:
+    tree = tree_from_config(cfg)
+    spans = node_spans(cfg, tree, data)
     compute = resolve_compute(cfg)
     torch.manual_seed(cfg.seed)
     model = GPT(gpt_config(cfg.model.preset, data.vocab_size, cfg.model.seq_len))
