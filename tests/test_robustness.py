@@ -8,7 +8,6 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 import tomli_w
@@ -136,7 +135,7 @@ def test_a_diverged_run_stops_early_with_a_summary(tmp_path: Path, capsys: pytes
     for runner in ("local", "flower-inproc"):
         out = tmp_path / runner
         assert main(["train", str(cfg), *sets, "--runner", runner, "--out", str(out), "--quiet"]) == 0
-        message = "round 0: every node's training (or validation) loss is NaN/inf or worse than a uniform guess"
+        message = "round 0: every node's training loss is NaN/inf or worse than a uniform guess, the run diverged"
         assert capsys.readouterr().err.count(message) == 1
         summary = json.loads((out / "summary.json").read_text())
         assert summary["diverged_round"] == 0 and summary["sequential_steps"] == 9  # 1 of 3 rounds: 3 levels x 3
@@ -182,33 +181,3 @@ def test_a_run_blown_up_by_its_server_step_stops_early_on_both_runners(tmp_path:
         summary.pop("wall_seconds")
         summaries.append(json.dumps(summary, sort_keys=True))
     assert summaries[0] == summaries[1]
-
-
-def test_validation_worse_than_the_uniform_guess_everywhere_stops_the_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Training losses stay healthy, but from round 1 every delivered model scores the capped loss 50 on
-    validation (as HierFAVG's momentum-blown global model does): both runners stop after round 1."""
-    import worldlm.runners.flower.node as flower_node
-    import worldlm.runners.local as local_runner
-
-    cfg = tiny_config(tmp_path, make_prepared(tmp_path / "data"), "hierfavg")
-    real = local_runner.evaluate
-    calls = [0]
-
-    def broken_after_round_0(*args: Any) -> tuple[float, float]:
-        calls[0] += 1
-        loss, ppl = real(*args)
-        return (50.0, math.exp(50.0)) if calls[0] > 7 else (loss, ppl)  # 7 nodes evaluated per round
-
-    monkeypatch.setattr(local_runner, "evaluate", broken_after_round_0)
-    monkeypatch.setattr(flower_node, "evaluate", broken_after_round_0)
-    for runner in ("local", "flower-inproc"):
-        calls[0] = 0
-        out = tmp_path / runner
-        sets = ["--set", "train.rounds=4"]
-        assert main(["train", str(cfg), *sets, "--runner", runner, "--out", str(out), "--quiet"]) == 0
-        summary = json.loads((out / "summary.json").read_text())
-        assert summary["diverged_round"] == 1 and summary["sequential_steps"] == 18, runner
-        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        assert all(math.isfinite(r["loss"]) and r["loss"] < 8 for r in records if r.get("split") == "train")

@@ -344,12 +344,10 @@ class LocalRun:
                                 self._end_privacy_round(privacy, rnd)
                     for name, dp_sgd in self.trainer.private.items():  # record-level DP: epsilon so far
                         self._write(record_dp_record(rnd, name, dp_sgd, self.cfg.dp.delta))
-                    vocab = self.data.vocab_size
-                    diverged = all_diverged(self.round_losses, vocab)
+                    diverged = all_diverged(self.round_losses, self.data.vocab_size)
                     if self.cfg.eval.every_round or diverged or rnd == self.rounds - 1:
                         with phase("evaluation"):
                             self.val = self.evaluate_all("val", rnd)
-                        diverged = diverged or all_diverged([v["loss"] for v in self.val.values()], vocab)
                     self.round += 1
                     if not diverged and (self.round % self.cfg.checkpoint.every == 0 or stop.requested):
                         with phase("checkpoint"):

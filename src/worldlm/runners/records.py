@@ -72,13 +72,11 @@ def healthy(loss: float, vocab_size: int) -> bool:
 
 
 def all_diverged(losses: Sequence[float], vocab_size: int) -> bool:
-    """Every node ended this round unhealthy (see `healthy`): by its training losses, or by the validation
-    losses of what each node delivers. The run is stopped: its remaining rounds would only burn compute.
+    """Every node that trained this round ended unhealthy (see `healthy`): the run cannot recover, stop it.
 
-    A non-finite training loss means non-finite weights (the step's clipped gradient is NaN), and a NaN
-    spreads through every aggregation it enters. A validation loss above the uniform guess at every node
-    means the delivered models are broken even where local training repairs part of it each round
-    (HierFAVG's global model under a too-large server momentum step).
+    A non-finite loss means non-finite weights (the step's clipped gradient is NaN), and a NaN
+    spreads through every aggregation it enters; a loss above the uniform guess everywhere means the
+    shared weights themselves are broken. Either way the remaining rounds would only burn compute.
     """
     return bool(losses) and not any(healthy(x, vocab_size) for x in losses)
 
@@ -94,8 +92,7 @@ def budget_message(event: dict[str, Any], rnd: int) -> str:
 
 def diverged_message(rnd: int, rounds: int) -> str:
     return (
-        f"round {rnd}: every node's training (or validation) loss is NaN/inf or worse than a uniform guess, the "
-        "run diverged; "
+        f"round {rnd}: every node's training loss is NaN/inf or worse than a uniform guess, the run diverged; "
         f"stopping after round {rnd + 1} of {rounds} (summary.json reports diverged_round; lower train.lr_max, "
         "federation.server_opt.lr or dp.sigma)"
     )

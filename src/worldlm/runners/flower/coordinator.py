@@ -625,7 +625,6 @@ class Coordinator:
                 stop = all_diverged(self.round_losses, self.vocab_size)
                 if cfg.eval.every_round or stop or rnd == planned - 1:
                     evals["val"] = self.evaluate_all("val", rnd)
-                    stop = stop or all_diverged([v["loss"] for v in evals["val"].values()], self.vocab_size)
                 self.log(f"round {rnd + 1}/{planned} done")
                 if stop:
                     rounds, diverged = rnd + 1, rnd
