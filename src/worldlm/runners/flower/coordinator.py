@@ -384,7 +384,6 @@ class Coordinator:
         self.round_privacy: dict[str, dict[str, Any]] = {}  # node-level DP records of this round, written after it
         self.trained = 0  # train.visit replies this round
         self.round_losses: list[float] = []  # training losses the nodes reported this round
-        self.vocab_size = 0  # the model's, from the nodes' hello (connect)
 
     def _resolve(self, engine_node: str) -> int | None:
         return self.directory.ids.get(host_of(engine_node, self.tree))
@@ -584,12 +583,11 @@ class Coordinator:
         self.log(f"waiting for {len(names)} tree nodes to connect: {', '.join(names)}")
         self.directory.wait_for(names, self.connect_timeout)
         sizes = {
-            (int(i["backbone-size"]), int(i["key-blocks"]), int(i["key-size"]), int(i["vocab-size"]))
-            for i in self.directory.info.values()
+            (int(i["backbone-size"]), int(i["key-blocks"]), int(i["key-size"])) for i in self.directory.info.values()
         }
         if len(sizes) != 1:
             raise WorldLMError(f"nodes disagree on the model layout {sorted(sizes)}: same config and data everywhere?")
-        bb, kb, ks, self.vocab_size = sizes.pop()
+        bb, kb, ks = sizes.pop()
         self.feds = engine_plan(self.cfg, self.tree, _Sizes(bb, kb, ks, bb + kb * ks))
         first = self.feds[0]
         self.per_round = sequential_span(first.tree, first.tree.root, first.opts)
@@ -622,7 +620,7 @@ class Coordinator:
                 self.flush_privacy()
                 if self.trained == 0:
                     raise WorldLMError(f"round {rnd}: no node answered; see the log above")
-                stop = all_diverged(self.round_losses, self.vocab_size)
+                stop = all_diverged(self.round_losses, cfg.data.vocab_size)
                 if cfg.eval.every_round or stop or rnd == planned - 1:
                     evals["val"] = self.evaluate_all("val", rnd)
                 self.log(f"round {rnd + 1}/{planned} done")

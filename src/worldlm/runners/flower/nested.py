@@ -150,7 +150,7 @@ class RegionCoordinator(Coordinator):
             reply["dp"] = final.content.config_records["dp"]
         wire.copy_residuals(final.content, "residuals", reply, "residuals")
         rename_origins(reply, "residuals", self.aliases.hide_inside(self.tree.subtree(self.region), self.region))
-        ok = any(healthy(x, self.vocab_size) for x in self.round_losses)
+        ok = any(healthy(x, self.cfg.data.vocab_size) for x in self.round_losses)
         reply["subtree"] = ConfigRecord({"trained": self.trained, "healthy": ok})
         return reply
 

@@ -253,7 +253,6 @@ class NodeSide:
             "node-name": self.name,
             "hosts": sorted(self.engine),
             "parameters": self.model.num_params(),
-            "vocab-size": self.model.cfg.vocab_size,  # the divergence rule's uniform guess
             "backbone-size": lay.backbone_size,
             "key-blocks": lay.key_blocks,
             "key-size": lay.key_size,
