@@ -375,12 +375,6 @@ def test_a_diverging_variant_stops_early_and_reads_diverged(micro: Micro) -> Non
     assert rows["no-residuals"]["sequential_steps"] * 2 == rows["default"]["sequential_steps"]
     report_md = (out_root / "div" / "report.md").read_text()
     assert "| no-residuals | worldlm | 0 | diverged in round 0, stopped |" in report_md
-    assert (
-        rows["no-residuals"]["diverged_round"] == 0
-        and report["variants"]["no-residuals"]["methods"]["worldlm"]["diverged"]
-    )
-    # both side-by-side tables (test and validation) read "diverged", never the perplexity where it stopped
-    assert len(re.findall(r"\| worldlm \| [0-9.*± ]+ \| diverged \|", report_md)) == 2
 
 
 def test_a_variant_can_run_its_own_seeds(tmp_path: Path) -> None:

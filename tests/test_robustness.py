@@ -21,7 +21,6 @@ from worldlm.config import load_config
 from worldlm.data.prepared import load_prepared
 from worldlm.errors import ConfigError, DataError
 from worldlm.federation.tree import NodeSpec, build_tree
-from worldlm.runners.records import all_diverged, healthy
 
 SECTIONS = ["data", "model", "train", "federation", "eval", "checkpoint", "tree", "bogus"]
 KEYS = ["rounds", "preset", "seq_len", "nu", "attention", "lr", "path", "nodes", "kind", "name", "x"]
@@ -135,8 +134,7 @@ def test_a_diverged_run_stops_early_with_a_summary(tmp_path: Path, capsys: pytes
     for runner in ("local", "flower-inproc"):
         out = tmp_path / runner
         assert main(["train", str(cfg), *sets, "--runner", runner, "--out", str(out), "--quiet"]) == 0
-        message = "round 0: every node's training loss is NaN/inf or worse than a uniform guess, the run diverged"
-        assert capsys.readouterr().err.count(message) == 1
+        assert capsys.readouterr().err.count("round 0: every node's training loss is NaN/inf, the run diverged") == 1
         summary = json.loads((out / "summary.json").read_text())
         assert summary["diverged_round"] == 0 and summary["sequential_steps"] == 9  # 1 of 3 rounds: 3 levels x 3
         assert math.isnan(summary["mean_ppl"]) and all(math.isnan(n["ppl"]) for n in summary["nodes"].values())
@@ -150,34 +148,3 @@ def test_a_diverged_run_stops_early_with_a_summary(tmp_path: Path, capsys: pytes
     assert summaries[0] == summaries[1]
     timing = [json.loads(line) for line in (tmp_path / "local" / "timing.jsonl").read_text().splitlines()]
     assert [t["round"] for t in timing] == [0]
-
-
-def test_a_loss_worse_than_the_uniform_guess_is_not_healthy() -> None:
-    ceiling = math.log(512) + 1.0  # ln(vocab) + 1: e times worse than guessing uniformly
-    assert healthy(math.log(512), 512) and healthy(ceiling - 1e-9, 512)
-    assert not healthy(ceiling, 512) and not healthy(math.nan, 512) and not healthy(math.inf, 512)
-    assert all_diverged([math.nan, 300.0], 512) and not all_diverged([math.nan, 300.0, 5.0], 512)
-    assert not all_diverged([], 512)  # no node trained: nothing to judge
-
-
-def test_a_run_blown_up_by_its_server_step_stops_early_on_both_runners(tmp_path: Path) -> None:
-    """Server step 20 with momentum: finite losses in the hundreds after round 0, far above ln(vocab) + 1."""
-    cfg = tiny_config(tmp_path, make_prepared(tmp_path / "data"), "worldlm")
-    sets = ["--set", "federation.server_opt.lr=20", "--set", "federation.server_opt.momentum=0.9"]
-    summaries = []
-    for runner in ("local", "flower-inproc"):
-        out = tmp_path / runner
-        assert (
-            main(
-                ["train", str(cfg), *sets, "--set", "train.rounds=4", "--runner", runner, "--out", str(out), "--quiet"]
-            )
-            == 0
-        )
-        summary = json.loads((out / "summary.json").read_text())
-        assert summary["diverged_round"] == 1 and summary["sequential_steps"] == 18  # 2 of 4 rounds
-        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        late = [r["loss"] for r in records if r.get("split") == "train" and r["round"] == 1]
-        assert len(late) == 7 and all(math.isfinite(x) and x > math.log(512) + 1 for x in late)
-        summary.pop("wall_seconds")
-        summaries.append(json.dumps(summary, sort_keys=True))
-    assert summaries[0] == summaries[1]

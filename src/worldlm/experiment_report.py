@@ -117,7 +117,6 @@ def method_stats(
         "ratio_to_worldlm": None,
         "seeds": [r.spec.seed for r in runs],
         "sequential_steps": max(int(r.summary["sequential_steps"]) for r in runs),  # a diverged run stops early
-        "diverged": any(r.summary.get("diverged_round") is not None for r in runs),  # in any seed
         "rounds": max(int(r.summary["rounds"]) for r in runs),
         "train_tokens": max(r.tokens for r in runs),
         "val_ppl_at_equal_compute": None,
@@ -494,9 +493,6 @@ def _overview_md(report: dict[str, Any]) -> list[str]:
         cells = []
         for v in variants:
             s = report["variants"][v]["methods"].get(m)
-            if s and s.get("diverged"):  # stopped early: its perplexity is where it stopped, not a result
-                cells.append("diverged")
-                continue
             same = s and m in first and v != variants[0] and _ppl(s["mean_ppl"]) != "diverged"
             ratio = f" ({_ratio(s['mean_ppl'] / first[m]['mean_ppl'])})" if same else ""
             cells.append(f"{_mean_std(s['mean_ppl'], s['std_over_seeds'])}{ratio}" if s else "–")
@@ -510,11 +506,7 @@ def _overview_md(report: dict[str, Any]) -> list[str]:
         "|---|" + "---:|" * len(variants),
     ]
     for m in methods:
-        val = {
-            v: math.nan if s.get("diverged") else s["val_ppl"]
-            for v in variants
-            if (s := report["variants"][v]["methods"].get(m))
-        }
+        val = {v: s["val_ppl"] for v in variants if (s := report["variants"][v]["methods"].get(m))}
         best = min((x for x in val.values() if _ppl(x) != "diverged"), default=None)
         cells = [("–" if v not in val else f"**{_ppl(val[v])}**" if val[v] == best else _ppl(val[v])) for v in variants]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")

@@ -344,7 +344,7 @@ class LocalRun:
                                 self._end_privacy_round(privacy, rnd)
                     for name, dp_sgd in self.trainer.private.items():  # record-level DP: epsilon so far
                         self._write(record_dp_record(rnd, name, dp_sgd, self.cfg.dp.delta))
-                    diverged = all_diverged(self.round_losses, self.cfg.data.vocab_size)
+                    diverged = all_diverged(self.round_losses)
                     if self.cfg.eval.every_round or diverged or rnd == self.rounds - 1:
                         with phase("evaluation"):
                             self.val = self.evaluate_all("val", rnd)

@@ -61,24 +61,13 @@ def trace_record(rnd: int, node: str, what: str, step: int, own: float | None, e
     }
 
 
-def healthy(loss: float, vocab_size: int) -> bool:
-    """A training loss a run can still learn from: finite and under ln(vocab) + 1 nat.
-
-    ln(vocab) is the loss of guessing uniformly over the vocabulary (a fresh model starts there);
-    a model e times worse than that has lost what it learned and its weights have blown up (server
-    momentum compounding over the levels of the tree does this within a few rounds).
-    """
-    return math.isfinite(loss) and loss < math.log(vocab_size) + 1.0
-
-
-def all_diverged(losses: Sequence[float], vocab_size: int) -> bool:
-    """Every node that trained this round ended unhealthy (see `healthy`): the run cannot recover, stop it.
+def all_diverged(losses: Sequence[float]) -> bool:
+    """Every node that trained this round ended with a NaN/inf loss: the run cannot recover, stop it.
 
     A non-finite loss means non-finite weights (the step's clipped gradient is NaN), and a NaN
-    spreads through every aggregation it enters; a loss above the uniform guess everywhere means the
-    shared weights themselves are broken. Either way the remaining rounds would only burn compute.
+    spreads through every aggregation it enters, so the remaining rounds would only burn compute.
     """
-    return bool(losses) and not any(healthy(x, vocab_size) for x in losses)
+    return bool(losses) and not any(math.isfinite(x) for x in losses)
 
 
 def budget_message(event: dict[str, Any], rnd: int) -> str:
@@ -92,9 +81,8 @@ def budget_message(event: dict[str, Any], rnd: int) -> str:
 
 def diverged_message(rnd: int, rounds: int) -> str:
     return (
-        f"round {rnd}: every node's training loss is NaN/inf or worse than a uniform guess, the run diverged; "
-        f"stopping after round {rnd + 1} of {rounds} (summary.json reports diverged_round; lower train.lr_max, "
-        "federation.server_opt.lr or dp.sigma)"
+        f"round {rnd}: every node's training loss is NaN/inf, the run diverged; stopping after round {rnd + 1} of "
+        f"{rounds} (summary.json reports NaN perplexities and diverged_round; lower train.lr_max or dp.sigma)"
     )
 
 

@@ -499,7 +499,7 @@ class Coordinator:
         """A region's whole visit (its T_q sub-rounds over its subtree) in one message to its bridge SuperNode.
 
         The reply is the region's update and the residuals it sends up (origins below it aliased), plus
-        how many of its subtree's nodes trained and whether any loss was healthy (the divergence rule)."""
+        how many of its subtree's nodes trained and whether any loss was finite (the divergence rule)."""
         content = self._from_parent(q, rnd, step, parent, down)
         subtree = self.tree.subtree(q)
         rename_origins(content, "routed", self.aliases.hide_outside(subtree))
@@ -510,8 +510,8 @@ class Coordinator:
         sub = reply.content.config_records["subtree"]
         trained = int(cast(int, sub["trained"]))
         self.trained += trained
-        if trained:  # stands for the subtree's losses: all_diverged only asks whether any was healthy
-            self.round_losses.append(0.0 if bool(sub["healthy"]) else math.nan)
+        if trained:  # stands for the subtree's losses: all_diverged only asks whether any was finite
+            self.round_losses.append(0.0 if bool(sub["finite"]) else math.nan)
         return reply
 
     def _evaluate_node(self, fed: Federation, q: str, ev: Evaluation, deployed: Any | None) -> Job:
@@ -620,7 +620,7 @@ class Coordinator:
                 self.flush_privacy()
                 if self.trained == 0:
                     raise WorldLMError(f"round {rnd}: no node answered; see the log above")
-                stop = all_diverged(self.round_losses, cfg.data.vocab_size)
+                stop = all_diverged(self.round_losses)
                 if cfg.eval.every_round or stop or rnd == planned - 1:
                     evals["val"] = self.evaluate_all("val", rnd)
                 self.log(f"round {rnd + 1}/{planned} done")

@@ -11,7 +11,7 @@ receive, and a region's only what its members do:
 
 - a region's coordinator keeps its members' records (training, attention, edges, evaluations) in its
   own `metrics.jsonl`; it tells its parent only its own update, how many of its nodes trained and
-  whether any loss was healthy (the divergence rule), and its own perplexity;
+  whether any loss was finite (the divergence rule), and its own perplexity;
 - residuals a region sends up keep their vectors and positions (the algorithm routes key layers across
   federations) but their origins below the region are hidden behind aliases `<region>#<k>` (A.3.7's
   `route_to_origin` test still works: an alias names a node in the region's subtree), which the region
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 import struct
@@ -58,7 +59,6 @@ from worldlm.runners.flower.coordinator import (
 )
 from worldlm.runners.flower.node import check_nested, check_supported
 from worldlm.runners.planning import tree_from_config
-from worldlm.runners.records import healthy
 from worldlm.tensorboard import metrics_writer
 
 FINISHED = "finished.json"  # a region's coordinator was told the run is over (its run's exit is no fault)
@@ -150,8 +150,8 @@ class RegionCoordinator(Coordinator):
             reply["dp"] = final.content.config_records["dp"]
         wire.copy_residuals(final.content, "residuals", reply, "residuals")
         rename_origins(reply, "residuals", self.aliases.hide_inside(self.tree.subtree(self.region), self.region))
-        ok = any(healthy(x, self.cfg.data.vocab_size) for x in self.round_losses)
-        reply["subtree"] = ConfigRecord({"trained": self.trained, "healthy": ok})
+        finite = any(math.isfinite(x) for x in self.round_losses)
+        reply["subtree"] = ConfigRecord({"trained": self.trained, "finite": finite})
         return reply
 
     def _evaluate_request(self, content: RecordDict) -> RecordDict:
