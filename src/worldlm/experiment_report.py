@@ -13,6 +13,7 @@ with the validation perplexity every method reaches at the compute of the cheape
 from __future__ import annotations
 
 import datetime
+import functools
 import itertools
 import json
 import math
@@ -26,7 +27,7 @@ import numpy as np
 from worldlm import config as C
 from worldlm import plots
 from worldlm.data.mixture import Span, mixture_weights
-from worldlm.data.prepared import load_prepared
+from worldlm.data.prepared import Prepared, load_prepared
 from worldlm.experiments import Experiment, RunSpec, is_complete
 from worldlm.io import atomic_write_json, atomic_write_text
 
@@ -337,12 +338,18 @@ def flow_data(runs: list[RunData]) -> tuple[np.ndarray, list[str], list[str]]:
     return counts / len(runs), origins, dests
 
 
+@functools.cache
+def _prepared(path: str) -> Prepared:
+    """A report reads one manifest per data directory, however many variants and methods share it."""
+    return load_prepared(path)
+
+
 def node_spans_of(spec: RunSpec) -> dict[str, list[Span]]:
     """Each tree node's training spans, recomputed from the tree and the manifest as the run had them (A.2)."""
     from worldlm.runners.planning import node_spans, tree_from_config
 
     cfg = spec.cfg
-    return node_spans(cfg, tree_from_config(cfg), load_prepared(cfg.data.path))
+    return node_spans(cfg, tree_from_config(cfg), _prepared(cfg.data.path))
 
 
 def node_mixtures(spec: RunSpec) -> dict[str, dict[str, float]]:
