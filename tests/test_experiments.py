@@ -101,8 +101,9 @@ def test_report_has_every_variant_method_and_node(micro: Micro) -> None:
     md = micro.report_md
     assert "## Variant `default`" in md and "## Variant `no-residuals`" in md and "## Variants side by side" in md
     # method | mean | ± nodes | ± seeds | / worldlm | val ppl | val at equal compute | seeds | rounds | steps
+    # (centralized trains one model: it ends with less compute than WorldLM, so it has no value at WorldLM's)
     assert re.search(
-        r"\| centralized \| \*\*[\d.]+\*\* \| [\d.]+ \| – \| [\d.]+× \| [\d.]+ \| [\d.]+ \| 1/1 \| 2 \| 12 \|", md
+        r"\| centralized \| \*\*[\d.]+\*\* \| [\d.]+ \| – \| [\d.]+× \| [\d.]+ \| – \| 1/1 \| 2 \| 12 \|", md
     )
     assert "| ru | " in md and report["command"] in md
     # the validation overview: each method's lowest validation perplexity over the variants in bold

@@ -106,16 +106,23 @@ def test_fl_e2e_summary_counts_a12_rounds_and_compute(tmp_path: Path, data: Path
 def test_shared_model_methods_deliver_their_global_model_and_report_fine_tuned(
     tmp_path: Path, data: Path, method: str
 ) -> None:
-    deliverable, records = run_cli(tmp_path, data, method)  # eval.model = "deliverable" is the default
+    # eval.model = "deliverable" is the default; the last round (1) traced: every training's model scored
+    deliverable, records = run_cli(tmp_path, data, method, "eval.trace_round=1")
     deployed, _ = run_cli(tmp_path, data, method, 'eval.model="deployed"')
     local, _ = run_cli(tmp_path, data, method, 'eval.model="local"')
     assert deliverable["eval_model"] == "deployed"
     assert node_ppl(deliverable) == node_ppl(deployed)  # one global model on every node's test windows
-    assert node_ppl(deliverable, "ppl_ft") == node_ppl(local)  # + local fine-tuning: each client's own model
-    assert deliverable["mean_ppl_ft"] == local["mean_ppl"] and deliverable["std_ppl_ft"] == local["std_ppl"]
+    # + local fine-tuning: each node's model after its last local training, as the trace scored it then
+    last_trained = {r["node"]: r["val_loss"] for r in records if r.get("event") == "trace" and r["what"] == "trained"}
+    assert {r["node"]: r["loss"] for r in records if r.get("split") == "val_ft"} == last_trained
+    # a leaf's (every FL client's) is its final state; a HierFAVG inner node's final state is its aggregate instead
+    ft, own = node_ppl(deliverable, "ppl_ft"), node_ppl(local)
+    clients = list(ft) if method == "fl" else ["fr", "it", "uk", "ru"]
+    assert {n: ft[n] for n in clients} == {n: own[n] for n in clients}
+    assert all(ft[n] != own[n] for n in ft if n not in clients)
     assert "mean_ppl_ft" not in deployed and "mean_ppl_ft" not in local
-    ft = [r for r in records if r.get("split") in ("test_ft", "val_ft")]
-    assert len(ft) == 2 * 7
+    ft_records = [r for r in records if r.get("split") in ("test_ft", "val_ft")]
+    assert len(ft_records) == 2 * 7
     # the fine-tuned numbers come from the same run: no extra training
     assert deliverable["train_tokens"] == local["train_tokens"]
 
@@ -191,6 +198,22 @@ def test_sequential_schedule_trace_follows_the_round(tmp_path: Path, data: Path)
     assert points[-1] == ("aggregated", "root", base + 9)
     assert len(points) == 1 + 7 + 3
     assert all(r["val_loss_all"] > 0 and r["val_loss"] > 0 for r in trace)
+
+
+def test_worldlm_trace_scores_each_node_after_it_takes_its_parents_model(tmp_path: Path, data: Path) -> None:
+    _, records = run_cli(tmp_path, data, "worldlm", "eval.trace_round=1")
+    points = [(r["what"], r["node"], r["step"]) for r in records if r.get("event") == "trace"]
+    base = 9  # round 1 starts after 3 levels x 3 steps
+    received = [p for p in points if p[0] == "received"]
+    # steps 2-3 change the model (the parent's backbone, key layers mixed with the node's own): every non-root
+    # node gets a point where its window starts, right before its own training
+    assert sorted(received) == sorted(
+        [("received", r, base + 3) for r in ("fr-it", "uk-ru")]
+        + [("received", n, base + 6) for n in ("fr", "it", "uk", "ru")]
+    )
+    for _, node, step in received:
+        assert points[points.index(("received", node, step)) + 1] == ("trained", node, step + 3)
+    assert len(points) == 1 + 6 + 7 + 3
 
 
 def test_fl_trace_covers_the_same_sequential_steps(tmp_path: Path, data: Path) -> None:

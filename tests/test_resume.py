@@ -132,3 +132,18 @@ def test_offloaded_node_states_give_bitwise_identical_results_and_resume(
     assert main(["train", str(cfg), "--out", str(out), "--quiet", "--resume", *offload]) == 0
     assert summary_of(out) == reference
     assert records_of(out) == records_of(tmp / "reference")
+
+
+def test_hierfavg_fine_tuned_models_survive_a_resume_after_the_last_round(tmp_path: Path) -> None:
+    """An inner node's model after its last training (what "+ ft" scores) is in the checkpoint: a run resumed
+    after its last round, before its summary, scores the same models as the run that went through."""
+    cfg = tiny_config(tmp_path, make_prepared(tmp_path / "data"), "hierfavg")
+    sets = ["--set", "train.rounds=2", "--set", "train.threads=2"]
+    reference, out = tmp_path / "reference", tmp_path / "resumed"
+    assert main(["train", str(cfg), "--out", str(reference), "--quiet", *sets]) == 0
+    assert main(["train", str(cfg), "--out", str(out), "--quiet", *sets]) == 0
+    shutil.rmtree(out / "checkpoints" / "final")
+    (out / "summary.json").unlink()  # as if killed after the last checkpoint
+    assert main(["train", str(cfg), "--out", str(out), "--quiet", "--resume", *sets]) == 0
+    summary = summary_of(out)
+    assert summary == summary_of(reference) and "mean_ppl_ft" in summary

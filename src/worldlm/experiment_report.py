@@ -7,7 +7,7 @@ and the ratio of the mean to WorldLM's in the same variant (the paper's "×" com
 FL and HierFAVG runs judged by their global model also give "<method> + ft" rows (each client after
 its last local steps, from the same runs). Beside the test numbers: validation perplexity (what
 settings are chosen on), and each method against compute (training tokens of all nodes together),
-with the validation perplexity every method reaches at the compute of the cheapest one.
+with the validation perplexity every method reaches at WorldLM's compute (`equal_compute_budget`).
 """
 
 from __future__ import annotations
@@ -142,6 +142,15 @@ def method_curve(runs: list[RunData], compute: bool = False) -> plots.Curve:
     return mean_curve([mean_curve(list((r.val_compute if compute else r.val).values())) for r in runs])
 
 
+def equal_compute_budget(compute: dict[str, float]) -> float | None:
+    """The compute (training tokens of all nodes) every method is compared at: WorldLM's where it ran (the
+    methods are compared with it), else the least any method used. Not the least always: centralized trains
+    one model, a seventh of a 7-node federation's compute, so every federated method would be read very early."""
+    if REFERENCE in compute:
+        return compute[REFERENCE]
+    return min(compute.values(), default=None)
+
+
 def value_at(curve: plots.Curve, x: float) -> float | None:
     """The curve at x, log-linear between its two neighbouring points; None outside the curve."""
     exact = [y for x_k, y in curve if x_k == x]
@@ -177,9 +186,10 @@ def privacy_stats(runs: list[RunData]) -> dict[str, Any] | None:
 def variant_stats(
     runs: dict[str, list[RunData]], attacked: frozenset[str] = frozenset()
 ) -> tuple[dict[str, dict[str, Any]], int | None]:
-    """Per method (and "+ ft" row) its stats, and the equal-compute budget: the cheapest method's training tokens.
+    """Per method (and "+ ft" row) its stats, and the equal-compute budget (`equal_compute_budget`).
 
-    Every method's validation perplexity is read off its compute curve at that budget (issue 14 item 5).
+    Every method's validation perplexity is read off its compute curve at that budget (issue 14 item 5); a
+    method whose run ended with less compute has none there.
     """
     stats: dict[str, dict[str, Any]] = {}
     for m, rs in runs.items():
@@ -192,7 +202,7 @@ def variant_stats(
         for s in stats.values():
             s["ratio_to_worldlm"] = s["mean_ppl"] / stats[REFERENCE]["mean_ppl"]
     curves = {m: method_curve(rs, compute=True) for m, rs in runs.items() if rs and any(r.val_compute for r in rs)}
-    budget = min((c[-1][0] for c in curves.values() if c), default=None)
+    budget = equal_compute_budget({m: c[-1][0] for m, c in curves.items() if c})
     if budget is not None:
         for m, curve in curves.items():
             stats[m]["val_ppl_at_equal_compute"] = value_at(curve, budget)
@@ -551,7 +561,10 @@ def _variant_md(name: str, v: dict[str, Any], n_seeds: int) -> list[str]:
             "",
             f"*val ppl*: validation perplexity at the end (mean over nodes and seeds; settings are chosen on it). "
             f"*val ppl at equal compute*: on each method's validation curve against training tokens of all nodes, "
-            f"read at {v['equal_compute_tokens']:,} tokens, the compute of the cheapest method here. "
+            f"read at {v['equal_compute_tokens']:,} tokens (WorldLM's compute where it ran, else the least any "
+            "method used; '–': the run ended with less). A run read before its end still has its learning rate "
+            "near the peak, not decayed, which puts it behind a run whose whole schedule ends at that compute; "
+            "the parallel schedule compares at equal compute by construction. "
             f'*{FT.strip()}*: the same runs, each client judged after its last local steps ("+ local fine-tuning").',
         ]
     lines += _privacy_md(stats)
@@ -659,14 +672,15 @@ def _attention_md(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _trace_md(traces: dict[str, list[dict[str, Any]]]) -> list[str]:
-    """eval.trace_round: the travelling model's validation loss after each training (T) and aggregation (A)."""
+    """eval.trace_round: the travelling model's validation loss after each step of the round (what, in order)."""
     if not traces:
         return []
     lines = [
         "",
         "One round traced (`eval.trace_round`; mean over seeds): validation loss of the model that travels, as the "
-        "round starts (S), after each local training (T) and each aggregation (A), on every node's validation "
-        "windows and on the node's own.",
+        "round starts (`start`), once a node has taken its parent's model (`received`, steps 2-3: the parent's "
+        "backbone, key layers mixed with the parent's and the residuals queued for it), after each local training "
+        "(`trained`) and each aggregation (`aggregated`), on every node's validation windows and on the node's own.",
         "",
         "| method | step | node | at | val loss, all nodes | val loss, own | seeds |",
         "|---|---:|---|---|---:|---:|---:|",

@@ -126,13 +126,13 @@ def mixture_bars(mixtures: dict[str, dict[str, float]], path: Path, title: str) 
 
 
 TracePoint = tuple[int, float, str, str]  # (sequential step, validation loss, node, what)
-TRACE_MARKS = {"start": "S", "trained": "T", "aggregated": "A"}
+TRACE_MARKS = {"start": "S", "received": "R", "trained": "T", "aggregated": "A"}
 
 
 def trace_plot(traces: dict[str, list[TracePoint]], path: Path, title: str) -> None:
-    """One round traced (issue 14): validation loss of the travelling model at the start, after each training
-    and aggregation. A line follows the shared model (the root, or FL's server: the node that aggregates
-    last); every other node's model is a labelled point."""
+    """One round traced (issue 14): validation loss of the travelling model at the start, after each node took
+    its parent's model (steps 2-3), after each training and aggregation. A line follows the shared model (the
+    root, or FL's server: the node that aggregates last); every other node's model is a labelled point."""
     fig, axes = _grid(1, 9.0, 5.0)
     ax = axes[0]
     for method, points in traces.items():

@@ -80,6 +80,9 @@ class NodeState:
     # inner nodes: each child's key layers [L, D] as last received (its DP release for a DP child): what
     # routing reads (A.3.7); a parent never looks at a child's own state
     child_keys: dict[str, Tensor] = field(default_factory=dict)
+    # inner nodes with FedOptions.keep_trained: the model after the node's latest local training, which its
+    # aggregation then replaces in `params` ("+ local fine-tuning" scores each node's model after its last steps)
+    trained: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ class FedOptions:
     outlier_weight: float = 0.5
     outlier_rounds: int = 2
     skip_outlier_residuals: bool = False
+    keep_trained: bool = False  # inner nodes keep their trained model (NodeState.trained) beside the aggregate
 
 
 @dataclass(frozen=True)
@@ -491,8 +495,10 @@ def run_round(
     update a node sends up) and "privacy" (DP releases); training is timed by the trainer.
 
     `observe(what, q, step, params)` sees the model that travels: "start" the root's model as the
-    round begins, "trained" after q's local training (4.i), "aggregated" after q aggregated its
-    subtree (4.iv); `step` is the sequential step reached.
+    round begins, "received" a child's model once it has taken its parent's (steps 2–3; left out where
+    that is the parent's model unchanged, as in FL and HierFAVG), "trained"
+    after q's local training (4.i), "aggregated" after q aggregated its subtree (4.iv); `step` is the
+    sequential step reached.
 
     With `opts.parallel` (§3.1) an inner node trains from the model it received, as a client beside
     its children (who receive that same model) in the same sequential window, and its trained state
@@ -511,6 +517,8 @@ def run_round(
             if opts.local_steps[q] > 0:  # 4.i: local training with ClientOpt on the global clock
                 trained = trainer.train(q, st.params, step, opts.local_steps[q])
                 observe("trained", q, step + opts.local_steps[q], trained)
+                if opts.keep_trained and children:
+                    st.trained = trained.clone()  # aggregation may update params in place
                 if opts.parallel and children:
                     own = trained
                 else:
@@ -526,6 +534,8 @@ def run_round(
             senders: list[str] = []  # children whose update arrived (all of them without DP budgets)
             for c in children:  # notionally in parallel: every child sees the same parent state
                 _send_down(q, c, routed.get(c, []), round_idx)
+                if not torch.equal(states[c].params, states[q].params):  # unchanged (FL, HierFAVG): q's point shows it
+                    observe("received", c, window, states[c].params)
                 update = visit(c, window)
                 if update is None:  # a DP child whose ε budget is spent sends nothing (§4.2 accounting)
                     emit({"event": "dp_withheld", "round": round_idx, "node": c, "parent": q})
@@ -585,6 +595,12 @@ def run_round(
 
     observe("start", tree.root, start, states[tree.root].params)
     visit(tree.root, start)
+
+
+def fine_tuned_model(st: NodeState) -> Tensor:
+    """A node's model after its last local training: kept apart by an inner node that aggregates after it
+    (FedOptions.keep_trained); otherwise its state (a leaf's state is its last training's result)."""
+    return st.trained if st.trained is not None else st.params
 
 
 def deployed_models(

@@ -31,6 +31,7 @@ from worldlm.io import JsonlWriter, atomic_write_bytes, atomic_write_json, atomi
 from worldlm.runners.checkpoint import CannotResume, Part, Snapshot, load_latest, save_checkpoint
 from worldlm.runners.node_state import DiskStates, HostStates, NodeStates, encode_state, load_state
 from worldlm.runners.planning import (
+    FINE_TUNED,
     initial_state,
     make_privacy,
     personal_models,
@@ -181,7 +182,7 @@ class LocalRun:
     # ------------------------------------------------------------------ evaluation
 
     def user_models(self, mode: str) -> Iterator[tuple[str, Tensor]]:
-        """(user node, its model under `mode`, "local" or "deployed") for every tree node, one at a time."""
+        """(user node, its model under `mode`: "local", "deployed" or FINE_TUNED) for every tree node, one at a time."""
         for fed in self.feds:
             users: dict[str, list[str]] = {}
             for user_node, engine_node in fed.evaluates.items():
@@ -193,11 +194,11 @@ class LocalRun:
     def evaluate_all(self, split: str, rnd: int, fine_tuned: bool = False) -> dict[str, dict[str, float]]:
         """Every node's delivered model on its own `split` windows (metric of DESIGN §2).
 
-        `fine_tuned`: instead each client's model after its last local steps (eval.model "local"),
-        the "+ local fine-tuning" baseline of FL and HierFAVG, logged as split "<split>_ft".
+        `fine_tuned`: instead each client's model after its last local steps (an inner node's before it
+        aggregated), the "+ local fine-tuning" baseline of FL and HierFAVG, logged as split "<split>_ft".
         """
         results: dict[str, dict[str, float]] = {}
-        for user_node, params in self.user_models("local" if fine_tuned else self.eval_mode):
+        for user_node, params in self.user_models(FINE_TUNED if fine_tuned else self.eval_mode):
             self.layout.load(self.model, params)
             windows = self.windows[(user_node, split)]
             loss, ppl = evaluate(self.forward, windows, self.cfg.eval.batch_size, self.compute)

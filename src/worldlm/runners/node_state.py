@@ -27,7 +27,8 @@ QUEUES = ("to_aggregate", "to_route")
 
 def encode_state(st: NodeState) -> Part:
     """A node's federation state as tensors (parameters, server-optimizer state, residual queues, the
-    similarity reference, the children's key layers as received) and metadata (residual origins, outlier counts)."""
+    similarity reference, the children's key layers as received, the model after its last training where
+    kept) and metadata (residual origins, outlier counts)."""
     tensors = {"params": st.params}
     if st.server_opt is not None:
         tensors.update({f"server/{k}": v for k, v in st.server_opt.state_dict().items()})
@@ -38,6 +39,8 @@ def encode_state(st: NodeState) -> Part:
         meta[qname] = [[r.position, r.origin] for r in queue]
     if st.reference is not None:
         tensors["reference"] = st.reference
+    if st.trained is not None:
+        tensors["trained"] = st.trained
     if st.low_rounds:
         meta["low_rounds"] = st.low_rounds
     tensors.update({f"child_keys/{j}": k for j, k in enumerate(st.child_keys.values())})
@@ -56,6 +59,7 @@ def load_state(st: NodeState, part: Part, device: torch.device | None = None) ->
         queue = [Residual(t[f"{qname}/{j}"], int(pos), str(origin)) for j, (pos, origin) in enumerate(part.meta[qname])]
         setattr(st, qname, queue)
     st.reference = t.get("reference")
+    st.trained = t.get("trained")
     st.low_rounds = {str(k): int(v) for k, v in part.meta.get("low_rounds", {}).items()}
     st.child_keys = {str(c): t[f"child_keys/{j}"] for j, c in enumerate(part.meta.get("child_keys", []))}
 

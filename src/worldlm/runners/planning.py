@@ -29,6 +29,7 @@ from worldlm.federation.worldlm import (
     NodeState,
     Split,
     deployed_models,
+    fine_tuned_model,
     initial_child_keys,
     sequential_span,
     trainings_per_round,
@@ -169,7 +170,12 @@ def plan(cfg: C.Config, tree: Tree, spans: dict[str, list[Span]], layout: ParamL
     names = list(tree.order)
     if C.is_hierarchy(cfg):
         split = no_keys if cfg.method == "hierfavg" else keys
-        o = opts({n: s for n in names}, share_keys=cfg.method == "worldlm", parallel=fed.schedule == "parallel")
+        o = opts(
+            {n: s for n in names},
+            share_keys=cfg.method == "worldlm",
+            parallel=fed.schedule == "parallel",
+            keep_trained=C.scores_fine_tuned(cfg),  # HierFAVG + ft: inner nodes too, after their last steps
+        )
         return [Federation(tree, spans, o, split, {n: n for n in names}, MemoryStates())]
     if cfg.method == "fl":
         flat = flat_tree(tree)
@@ -189,14 +195,18 @@ def plan(cfg: C.Config, tree: Tree, spans: dict[str, list[Span]], layout: ParamL
     ]
 
 
+FINE_TUNED = "fine_tuned"  # the evaluation of "+ local fine-tuning" (beside eval.model's modes)
+
+
 def personal_models(fed: Federation, which: str) -> Iterator[tuple[str, Tensor]]:
-    """Each engine node's personalised model (see eval.model in config.py), one node at a time."""
+    """Each engine node's personalised model (see eval.model in config.py), one node at a time; `which` =
+    "fine_tuned": its model after its last local training ("+ local fine-tuning")."""
     if which == "deployed":
         yield from deployed_models(fed.tree, fed.states, fed.split, fed.opts, fed.states.release)
         return
     for name in fed.tree.order:
         with fed.states.use(name) as st:
-            yield name, st.params
+            yield name, fine_tuned_model(st) if which == FINE_TUNED else st.params
 
 
 def initial_state(cfg: C.Config, fed: Federation, name: str, init: Tensor) -> NodeState:

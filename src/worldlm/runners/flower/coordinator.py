@@ -42,6 +42,7 @@ from worldlm.runners.flower import Backoff, wire
 from worldlm.runners.flower.aliases import ALIASES, Aliases, rename_origins
 from worldlm.runners.flower.node import check_nested, check_supported, host_of
 from worldlm.runners.planning import (
+    FINE_TUNED,
     Federation,
     engine_rounds,
     plan,
@@ -304,7 +305,7 @@ def step_events(record: dict[str, Any], local_steps: dict[str, int], cfg: C.Conf
 @dataclass(frozen=True)
 class Evaluation:
     """One evaluation of the run: the held-out split, the round, whether it is the last (final models are
-    saved), the model scored (eval.model, or "local" for the fine-tuned scores) and the records' split label."""
+    saved), the model scored (eval.model, or FINE_TUNED for the "+ ft" scores) and the records' split label."""
 
     split: str
     round: int
@@ -560,7 +561,7 @@ class Coordinator:
         self, split: str, rnd: int, last: bool = False, fine_tuned: bool = False
     ) -> dict[str, dict[str, float]]:
         """As LocalRun.evaluate_all: the delivered models, or with `fine_tuned` each client's own (split "*_ft")."""
-        mode = "local" if fine_tuned else C.eval_model(self.cfg)
+        mode = FINE_TUNED if fine_tuned else C.eval_model(self.cfg)
         label = f"{split}_ft" if fine_tuned else split
         results = self.evaluate_scope(Evaluation(split, rnd, last, mode, label))
         shown = {u: {"loss": r["loss"], "ppl": r["ppl"]} for u, r in results.items()}

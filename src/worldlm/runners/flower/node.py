@@ -43,6 +43,7 @@ from worldlm.federation.worldlm import (
     accept_from_parent,
     aggregate_step,
     children_attention_event,
+    fine_tuned_model,
     outlier_event,
     parent_attention_event,
     pick_event,
@@ -57,6 +58,7 @@ from worldlm.runners.checkpoint import Part
 from worldlm.runners.flower import wire
 from worldlm.runners.node_state import adam_part, encode_state, load_adam, load_state
 from worldlm.runners.planning import (
+    FINE_TUNED,
     Federation,
     initial_state,
     make_privacy,
@@ -289,6 +291,8 @@ class NodeSide:
         n_steps = opts.local_steps[node]
         if n_steps > 0:  # 4.i: local training with ClientOpt on the global clock
             h.state.params = self.trainer.train(node, h.state.params, step, n_steps)
+            if opts.keep_trained and tree[node].children:  # as run_round: what "+ ft" scores after aggregation
+                h.state.trained = h.state.params.clone()
             stats = self.last_stats
             assert stats is not None
             log.append(train_record(rnd, tree[node].level, node, step + n_steps, stats))
@@ -378,7 +382,7 @@ class NodeSide:
         c = content.config_records["cfg"]
         h = self._hosted(c)
         split_name, final = str(c["split"]), bool(c["final"])
-        params = h.state.params
+        params = fine_tuned_model(h.state) if str(c["mode"]) == FINE_TUNED else h.state.params
         if "deployed" in content.array_records:  # eval.model = deployed: steps 2–3 on a copy (state unchanged)
             parent = wire.model_from_record(content.array_records["deployed"], params, h.fed.split)
             st, fed = h.state, h.fed
