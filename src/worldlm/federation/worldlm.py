@@ -495,8 +495,8 @@ def run_round(
     update a node sends up) and "privacy" (DP releases); training is timed by the trainer.
 
     `observe(what, q, step, params)` sees the model that travels: "start" the root's model as the
-    round begins, "received" a child's model once it has taken its parent's (steps 2–3; left out where
-    that is the parent's model unchanged, as in FL and HierFAVG), "trained"
+    round begins, "received" a child's model once it has taken its parent's (steps 2–3; left out
+    without key layers, where it is the parent's model unchanged: FL, HierFAVG), "trained"
     after q's local training (4.i), "aggregated" after q aggregated its subtree (4.iv); `step` is the
     sequential step reached.
 
@@ -517,8 +517,7 @@ def run_round(
             if opts.local_steps[q] > 0:  # 4.i: local training with ClientOpt on the global clock
                 trained = trainer.train(q, st.params, step, opts.local_steps[q])
                 observe("trained", q, step + opts.local_steps[q], trained)
-                if opts.keep_trained and children:
-                    st.trained = trained.clone()  # aggregation may update params in place
+                keep_trained(st, trained, bool(children), opts)
                 if opts.parallel and children:
                     own = trained
                 else:
@@ -534,7 +533,7 @@ def run_round(
             senders: list[str] = []  # children whose update arrived (all of them without DP budgets)
             for c in children:  # notionally in parallel: every child sees the same parent state
                 _send_down(q, c, routed.get(c, []), round_idx)
-                if not torch.equal(states[c].params, states[q].params):  # unchanged (FL, HierFAVG): q's point shows it
+                if split.key_blocks:  # without key layers (FL, HierFAVG) c holds q's model unchanged: q's point
                     observe("received", c, window, states[c].params)
                 update = visit(c, window)
                 if update is None:  # a DP child whose ε budget is spent sends nothing (§4.2 accounting)
@@ -595,6 +594,13 @@ def run_round(
 
     observe("start", tree.root, start, states[tree.root].params)
     visit(tree.root, start)
+
+
+def keep_trained(st: NodeState, trained: Tensor, inner: bool, opts: FedOptions) -> None:
+    """After 4.i: an inner node with opts.keep_trained keeps a copy of its trained model, which its aggregation
+    replaces in `params` (a leaf's `params` stays its trained model): what `fine_tuned_model` returns."""
+    if opts.keep_trained and inner:
+        st.trained = trained.clone()
 
 
 def fine_tuned_model(st: NodeState) -> Tensor:

@@ -44,6 +44,7 @@ from worldlm.federation.worldlm import (
     aggregate_step,
     children_attention_event,
     fine_tuned_model,
+    keep_trained,
     outlier_event,
     parent_attention_event,
     pick_event,
@@ -291,8 +292,7 @@ class NodeSide:
         n_steps = opts.local_steps[node]
         if n_steps > 0:  # 4.i: local training with ClientOpt on the global clock
             h.state.params = self.trainer.train(node, h.state.params, step, n_steps)
-            if opts.keep_trained and tree[node].children:  # as run_round: what "+ ft" scores after aggregation
-                h.state.trained = h.state.params.clone()
+            keep_trained(h.state, h.state.params, bool(tree[node].children), opts)
             stats = self.last_stats
             assert stats is not None
             log.append(train_record(rnd, tree[node].level, node, step + n_steps, stats))
