@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 
 from fixtures import make_prepared, tiny_config
 from worldlm.cli import main
-from worldlm.config import Config
+from worldlm.config import Config, load_config
 from worldlm.data.prepared import load_prepared
 from worldlm.errors import ConfigError, DataError
 from worldlm.experiments import load_experiment, plan_runs
@@ -386,3 +387,34 @@ def test_a_variant_can_run_its_own_seeds(tmp_path: Path) -> None:
     assert labels == ["a/fl/seed0", "b/fl/seed0", "b/fl/seed3"]
     with pytest.raises(ConfigError, match=r"variants.b: 'seeds' must be a non-empty list"):
         load_experiment(write(tmp_path, text.replace("[0, 3]", "[]")))
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _setting(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_run_config_loads_with_a_valid_tree(path: Path) -> None:
+    assert tree_from_config(load_config(path)).order
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs/experiments").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_experiment_resolves_every_run(path: Path, tmp_path: Path) -> None:
+    # A typo in a shipped grid (a key, a method_set entry, a variant's base) fails here, not hours into it.
+    exp = load_experiment(path)
+    specs = plan_runs(exp, tmp_path)
+    assert len(specs) == sum(len(v.methods) * len(v.seeds) for v in exp.variants.values())
+    for spec in specs:
+        assert (spec.cfg.method, spec.cfg.seed) == (spec.method, spec.seed)
+        assert tree_from_config(spec.cfg).order
+        variant_keys = {item.split("=", 1)[0] for item in exp.variants[spec.variant].set}
+        for item in exp.method_set.get(spec.method, ()):  # each per-method setting reaches its runs
+            key, value = item.split("=", 1)
+            if key not in variant_keys:  # a variant's own setting comes after method_set
+                assert _setting(spec.cfg, key) == tomllib.loads(f"v = {value}")["v"], (spec.label, key)
