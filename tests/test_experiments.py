@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 from fixtures import make_prepared, tiny_config
 from worldlm.cli import main
-from worldlm.config import Config, load_config
+from worldlm.config import Config, _parse_override, load_config
 from worldlm.data.prepared import load_prepared
 from worldlm.errors import ConfigError, DataError
 from worldlm.experiments import load_experiment, plan_runs
@@ -392,9 +391,9 @@ def test_a_variant_can_run_its_own_seeds(tmp_path: Path) -> None:
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _setting(cfg: Config, key: str) -> Any:
+def _setting(cfg: Config, keys: list[str]) -> Any:
     node: Any = cfg
-    for part in key.split("."):
+    for part in keys:
         node = getattr(node, part)
     return node
 
@@ -413,8 +412,8 @@ def test_every_shipped_experiment_resolves_every_run(path: Path, tmp_path: Path)
     for spec in specs:
         assert (spec.cfg.method, spec.cfg.seed) == (spec.method, spec.seed)
         assert tree_from_config(spec.cfg).order
-        variant_keys = {item.split("=", 1)[0] for item in exp.variants[spec.variant].set}
+        variant_keys = {tuple(_parse_override(item)[0]) for item in exp.variants[spec.variant].set}
         for item in exp.method_set.get(spec.method, ()):  # each per-method setting reaches its runs
-            key, value = item.split("=", 1)
-            if key not in variant_keys:  # a variant's own setting comes after method_set
-                assert _setting(spec.cfg, key) == tomllib.loads(f"v = {value}")["v"], (spec.label, key)
+            keys, value = _parse_override(item)  # as the config loader reads it
+            if tuple(keys) not in variant_keys:  # a variant's own setting comes after method_set
+                assert _setting(spec.cfg, keys) == value, (spec.label, item)
