@@ -106,6 +106,11 @@ def test_report_has_every_variant_method_and_node(micro: Micro) -> None:
         r"\| centralized \| \*\*[\d.]+\*\* \| [\d.]+ \| – \| [\d.]+× \| [\d.]+ \| – \| 1/1 \| 2 \| 12 \|", md
     )
     assert "| ru | " in md and report["command"] in md
+    # side by side: one seed per cell, so a mean without a spread over seeds (not "± 0.00")
+    overview = md.split("## Variants side by side")[1].split("Validation perplexity")[0]
+    means = {v: report["variants"][v]["methods"]["worldlm"]["mean_ppl"] for v in ("default", "no-residuals")}
+    assert f"| worldlm | {means['default']:.2f} | {means['no-residuals']:.2f} (" in overview
+    assert not any("±" in line for line in overview.splitlines() if line.startswith("| "))
     # the validation overview: each method's lowest validation perplexity over the variants in bold
     val = {v: report["variants"][v]["methods"]["worldlm"]["val_ppl"] for v in ("default", "no-residuals")}
     cells = [f"**{x:.2f}**" if x == min(val.values()) else f"{x:.2f}" for x in val.values()]

@@ -486,6 +486,11 @@ def _mean_std(mean: float, std: float) -> str:
     return f"{_ppl(mean)} ± {_ppl(std)}" if _ppl(mean) != "diverged" else "diverged"
 
 
+def _seed_spread(s: dict[str, Any]) -> str | None:
+    """The std over seeds of a method's per-seed means, or None with one seed: no spread to show."""
+    return _ppl(s["std_over_seeds"]) if len(s["seeds"]) > 1 else None
+
+
 def _ratio(x: float) -> str:
     return f"{x:.2f}×" if math.isfinite(x) and x < DIVERGED else "–"
 
@@ -501,7 +506,8 @@ def _overview_md(report: dict[str, Any]) -> list[str]:
     lines = [
         "## Variants side by side",
         "",
-        f"Mean ± std over seeds; in brackets the ratio to the same method in `{variants[0]}`.",
+        "Mean ± std over seeds (no spread where a cell has one seed); in brackets the ratio to the same method "
+        f"in `{variants[0]}`.",
         "",
         "| method | " + " | ".join(f"`{v}`" for v in variants) + " |",
         "|---|" + "---:|" * len(variants),
@@ -512,7 +518,12 @@ def _overview_md(report: dict[str, Any]) -> list[str]:
             s = report["variants"][v]["methods"].get(m)
             same = s and m in first and v != variants[0] and _ppl(s["mean_ppl"]) != "diverged"
             ratio = f" ({_ratio(s['mean_ppl'] / first[m]['mean_ppl'])})" if same else ""
-            cells.append(f"{_mean_std(s['mean_ppl'], s['std_over_seeds'])}{ratio}" if s else "–")
+            if not s:
+                cells.append("–")
+                continue
+            spread = _seed_spread(s)
+            mean = _ppl(s["mean_ppl"]) if spread is None else _mean_std(s["mean_ppl"], s["std_over_seeds"])
+            cells.append(f"{mean}{ratio}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -548,7 +559,7 @@ def _variant_md(name: str, v: dict[str, Any], n_seeds: int) -> list[str]:
     ]
     for m, s in stats.items():
         ratio = _ratio(s["ratio_to_worldlm"]) if s["ratio_to_worldlm"] is not None else "–"
-        over_seeds = _ppl(s["std_over_seeds"]) if len(s["seeds"]) > 1 else "–"  # one seed: no spread to show
+        over_seeds = _seed_spread(s) or "–"
         at_compute = s.get("val_ppl_at_equal_compute")
         lines.append(
             f"| {m} | **{_ppl(s['mean_ppl'])}** | {_ppl(s['std_over_nodes'])} | {over_seeds} | {ratio} | "
