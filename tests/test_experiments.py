@@ -309,6 +309,7 @@ def test_a_diverged_run_reads_diverged_not_a_huge_number() -> None:
 
     assert _mean_std(math.exp(50.0), 0.0) == _mean_std(math.nan, math.nan) == "diverged"
     assert _mean_std(562.0, 74.9) == "562.00 ± 74.90" and _ratio(1.25) == "1.25×" and _ratio(math.nan) == "–"
+    assert _mean_std(562.0, None) == "562.00" and _mean_std(math.nan, None) == "diverged"  # no spread to show
 
 
 @pytest.mark.parametrize("damage", ["none", "corrupt-checkpoint", "no-checkpoint", "torn-metrics"])

@@ -482,13 +482,16 @@ def _ppl(x: float) -> str:
     return f"{x:.2f}" if math.isfinite(x) and x < DIVERGED else "diverged"
 
 
-def _mean_std(mean: float, std: float) -> str:
-    return f"{_ppl(mean)} ± {_ppl(std)}" if _ppl(mean) != "diverged" else "diverged"
+def _mean_std(mean: float, std: float | None) -> str:
+    """`mean ± std`; the mean alone where there is no spread to show (std None)."""
+    if _ppl(mean) == "diverged" or std is None:
+        return _ppl(mean)
+    return f"{_ppl(mean)} ± {_ppl(std)}"
 
 
-def _seed_spread(s: dict[str, Any]) -> str | None:
+def _seed_std(s: dict[str, Any]) -> float | None:
     """The std over seeds of a method's per-seed means, or None with one seed: no spread to show."""
-    return _ppl(s["std_over_seeds"]) if len(s["seeds"]) > 1 else None
+    return s["std_over_seeds"] if len(s["seeds"]) > 1 else None
 
 
 def _ratio(x: float) -> str:
@@ -518,12 +521,7 @@ def _overview_md(report: dict[str, Any]) -> list[str]:
             s = report["variants"][v]["methods"].get(m)
             same = s and m in first and v != variants[0] and _ppl(s["mean_ppl"]) != "diverged"
             ratio = f" ({_ratio(s['mean_ppl'] / first[m]['mean_ppl'])})" if same else ""
-            if not s:
-                cells.append("–")
-                continue
-            spread = _seed_spread(s)
-            mean = _ppl(s["mean_ppl"]) if spread is None else _mean_std(s["mean_ppl"], s["std_over_seeds"])
-            cells.append(f"{mean}{ratio}")
+            cells.append(f"{_mean_std(s['mean_ppl'], _seed_std(s))}{ratio}" if s else "–")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -559,7 +557,8 @@ def _variant_md(name: str, v: dict[str, Any], n_seeds: int) -> list[str]:
     ]
     for m, s in stats.items():
         ratio = _ratio(s["ratio_to_worldlm"]) if s["ratio_to_worldlm"] is not None else "–"
-        over_seeds = _seed_spread(s) or "–"
+        seed_std = _seed_std(s)
+        over_seeds = _ppl(seed_std) if seed_std is not None else "–"
         at_compute = s.get("val_ppl_at_equal_compute")
         lines.append(
             f"| {m} | **{_ppl(s['mean_ppl'])}** | {_ppl(s['std_over_nodes'])} | {over_seeds} | {ratio} | "
