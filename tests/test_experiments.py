@@ -305,7 +305,7 @@ def test_variants_seeds_and_methods_select_what_trains(micro: Micro, runner_call
 
 
 def test_a_diverged_run_reads_diverged_not_a_huge_number() -> None:
-    from worldlm.experiment_report import _mean_std, _ratio
+    from worldlm.experiment_markdown import _mean_std, _ratio
 
     assert _mean_std(math.exp(50.0), 0.0) == _mean_std(math.nan, math.nan) == "diverged"
     assert _mean_std(562.0, 74.9) == "562.00 ± 74.90" and _ratio(1.25) == "1.25×" and _ratio(math.nan) == "–"

@@ -13,7 +13,8 @@ import pytest
 from fixtures import make_prepared, tiny_config
 from worldlm.cli import main
 from worldlm.errors import ConfigError
-from worldlm.experiment_report import markdown, reference_variants, targeted_rows, value_at
+from worldlm.experiment_markdown import markdown
+from worldlm.experiment_report import reference_variants, targeted_rows, value_at
 from worldlm.experiments import load_experiment
 
 EXPERIMENT = """
