@@ -86,17 +86,22 @@ def print_prepared(prepared: Prepared) -> None:
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    cols = comparison_columns({summary["method"]: summary})
-    table = Table(title=f"{summary['method']}: personalised test perplexity")
+    table = node_table(f"{summary['method']}: test perplexity", comparison_columns({summary["method"]: summary}))
+    if "diverged_round" in summary:
+        table.caption = f"[red]diverged in round {summary['diverged_round']}: stopped early"
+    console.print(table)
+
+
+def node_table(title: str, cols: list[Column]) -> Table:
+    """A node × column table of test perplexities with a bold mean ± std row (the terminal's comparison)."""
+    table = Table(title=title)
     table.add_column("node")
     for c in cols:
         table.add_column(c.label, justify="right")
     for node in cols[0].nodes:
         table.add_row(node, *[f"{c.nodes[node]:.2f}" for c in cols])
     table.add_row("[bold]mean ± std", *[f"[bold]{c.mean:.2f} ± {c.std:.2f}" for c in cols])
-    if "diverged_round" in summary:
-        table.caption = f"[red]diverged in round {summary['diverged_round']}: stopped early"
-    console.print(table)
+    return table
 
 
 @dataclass(frozen=True)
@@ -211,13 +216,7 @@ def compare_runs(summaries: dict[str, dict[str, Any]], root: Path, quiet: bool) 
     plot_val_curves({m: root / m for m in summaries}, root / "val_ppl.png")
     if not quiet:
         cols = comparison_columns(summaries)
-        table = Table(title="personalised test perplexity per node (lower is better)")
-        table.add_column("node")
-        for c in cols:
-            table.add_column(c.label, justify="right")
-        for node in cols[0].nodes:
-            table.add_row(node, *[f"{c.nodes[node]:.2f}" for c in cols])
-        table.add_row("[bold]mean ± std", *[f"[bold]{c.mean:.2f} ± {c.std:.2f}" for c in cols])
+        table = node_table("test perplexity per node (lower is better)", cols)
         ref = summaries[reference]["mean_ppl"]
         table.add_row(f"mean / {reference}", *[f"{c.mean / ref:.2f}×" for c in cols])
         table.caption = "+ ft: the same run, each client judged after its last local steps (FL + local fine-tuning)"
