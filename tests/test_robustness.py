@@ -98,6 +98,12 @@ def test_missing_data_directory_exits_2(tmp_path: Path, capsys: pytest.CaptureFi
     assert "no prepared data" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("name", "fix"), [("domains", "--recipe domains"), ("mine", "worldlm prepare CONFIG")])
+def test_missing_data_names_the_command_that_prepares_it(tmp_path: Path, name: str, fix: str) -> None:
+    with pytest.raises(DataError, match=f"no prepared data at .*{name}.*{fix}"):
+        load_prepared(tmp_path / name)
+
+
 def test_source_too_small_for_seq_len_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = make_prepared(tmp_path / "d")
     cfg = tiny_config(tmp_path, data, "worldlm")

@@ -82,8 +82,11 @@ def load_prepared(root: str | Path) -> Prepared:
     root = Path(root)
     mpath = root / MANIFEST
     if not mpath.is_file():
+        from worldlm.data.recipes import RECIPES  # only on this error path: recipes.py is heavy to import
+
+        fix = f"--recipe {root.name}" if root.name in RECIPES else "CONFIG (the config whose data.path this is)"
         raise DataError(
-            f"no prepared data at {root} (missing {MANIFEST}); run `worldlm prepare --recipe languages` "
+            f"no prepared data at {root} (missing {MANIFEST}); run `worldlm prepare {fix}` "
             "or point data.path at a prepared directory"
         )
     try:
