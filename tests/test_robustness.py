@@ -51,6 +51,16 @@ def test_any_config_loads_or_fails_with_one_line(tmp_path: Path, raw: dict[str, 
         assert str(exc) and "\n" not in str(exc)
 
 
+@pytest.mark.parametrize("raw", [{"method": "\n"}, {"model": {"preset": "a\rb"}}, {"federation": {"x\u2028": 1}}])
+def test_a_value_with_a_line_break_is_quoted_on_one_line(tmp_path: Path, raw: dict[str, object]) -> None:
+    # Hypothesis found {"method": "\n"}: the message printed the value raw, over two lines.
+    path = tmp_path / "c.toml"
+    path.write_text(tomli_w.dumps(raw))
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert str(exc.value).isprintable(), str(exc.value)
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     edges=st.lists(

@@ -20,7 +20,7 @@ from typing import Any
 import tomli_w
 
 from worldlm.data.prepared import DEFAULT_VOCAB
-from worldlm.errors import ConfigError
+from worldlm.errors import ConfigError, quoted
 from worldlm.federation.aggregation import SIMILARITIES
 
 METHODS = ("worldlm", "fl", "hierfavg", "fedper", "centralized", "local")
@@ -249,7 +249,7 @@ class Config:
 
 def _suggest(key: str, valid: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(key, list(valid), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(sorted(valid))})"
+    return f" (did you mean {quoted(close[0])}?)" if close else f" (valid: {', '.join(sorted(valid))})"
 
 
 def _convert(value: Any, tp: Any, where: str) -> Any:
@@ -305,18 +305,18 @@ def _build(cls: Any, raw: dict[str, Any], where: str) -> Any:
     for key, value in raw.items():
         path = f"{where}.{key}" if where else key
         if key not in names:
-            raise ConfigError(f"unknown config key '{path}'{_suggest(key, names)}")
+            raise ConfigError(f"unknown config key {quoted(path)}{_suggest(key, names)}")
         kwargs[key] = _convert(value, hints[key], path)
     return cls(**kwargs)
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
-        raise ConfigError(f"--set expects KEY=VALUE (e.g. train.rounds=8), got '{item}'")
+        raise ConfigError(f"--set expects KEY=VALUE (e.g. train.rounds=8), got {quoted(item)}")
     key, text = item.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set has an empty key in '{item}'")
+        raise ConfigError(f"--set has an empty key in {quoted(item)}")
     try:  # a TOML literal (number, bool, list, quoted string) ...
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:  # ... or a bare string
@@ -331,7 +331,7 @@ def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dic
         for k in keys[:-1]:
             nxt = node.setdefault(k, {})
             if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {item}: '{k}' is not a table")
+                raise ConfigError(f"--set {item}: {quoted(k)} is not a table")
             node = nxt
         node[keys[-1]] = value
     return raw
@@ -361,7 +361,7 @@ def _check(cond: bool, message: str) -> None:
 
 
 def _validate_server_opt(s: ServerOptSettings, where: str) -> None:
-    _check(s.kind in SERVER_OPTS, f"{where}.kind '{s.kind}' is unknown{_suggest(s.kind, SERVER_OPTS)}")
+    _check(s.kind in SERVER_OPTS, f"{where}.kind {quoted(s.kind)} is unknown{_suggest(s.kind, SERVER_OPTS)}")
     _check(s.lr > 0, f"{where}.lr must be > 0, got {s.lr}")
     _check(0 <= s.momentum < 1, f"{where}.momentum must be in [0, 1), got {s.momentum}")
     _check(0 <= s.beta1 < 1 and 0 <= s.beta2 < 1, f"{where}.beta1/beta2 must be in [0, 1)")
@@ -372,14 +372,14 @@ def validate(cfg: Config) -> None:
     """Range and consistency checks that types alone cannot express (the tree is checked in tree.py)."""
     from worldlm.model import PRESETS  # model imports nothing from config at module level
 
-    _check(cfg.method in METHODS, f"method '{cfg.method}' is unknown{_suggest(cfg.method, METHODS)}")
+    _check(cfg.method in METHODS, f"method {quoted(cfg.method)} is unknown{_suggest(cfg.method, METHODS)}")
     _check(
         bool(cfg.name) and "/" not in cfg.name,
-        f"name must be a non-empty string without '/', got '{cfg.name}'",
+        f"name must be a non-empty string without '/', got {quoted(cfg.name)}",
     )
     _check(
         cfg.model.preset in PRESETS,
-        f"model.preset '{cfg.model.preset}' is unknown{_suggest(cfg.model.preset, PRESETS)}",
+        f"model.preset {quoted(cfg.model.preset)} is unknown{_suggest(cfg.model.preset, PRESETS)}",
     )
     _check(cfg.model.seq_len >= 8, f"model.seq_len must be >= 8, got {cfg.model.seq_len}")
     n_layer = PRESETS[cfg.model.preset].n_layer
@@ -402,9 +402,12 @@ def validate(cfg: Config) -> None:
     _check(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
     _check(
         re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
-        f"train.device '{t.device}' is unknown; use auto, cpu, cuda or cuda:N",
+        f"train.device {quoted(t.device)} is unknown; use auto, cpu, cuda or cuda:N",
     )
-    _check(t.precision in PRECISIONS, f"train.precision '{t.precision}' is unknown{_suggest(t.precision, PRECISIONS)}")
+    _check(
+        t.precision in PRECISIONS,
+        f"train.precision {quoted(t.precision)} is unknown{_suggest(t.precision, PRECISIONS)}",
+    )
     _check(
         t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0,
         f"train.grad_accum = {t.grad_accum} must be >= 1 and divide train.batch_size = {t.batch_size}",
@@ -412,15 +415,19 @@ def validate(cfg: Config) -> None:
     f = cfg.federation
     _check(f.nu >= 0, f"federation.nu must be >= 0, got {f.nu}")
     _check(f.sub_rounds >= 1, f"federation.sub_rounds must be >= 1, got {f.sub_rounds}")
-    _check(f.schedule in SCHEDULES, f"federation.schedule '{f.schedule}' is unknown{_suggest(f.schedule, SCHEDULES)}")
-    _check(f.fl_round in FL_ROUNDS, f"federation.fl_round '{f.fl_round}' is unknown{_suggest(f.fl_round, FL_ROUNDS)}")
+    _check(
+        f.schedule in SCHEDULES, f"federation.schedule {quoted(f.schedule)} is unknown{_suggest(f.schedule, SCHEDULES)}"
+    )
+    _check(
+        f.fl_round in FL_ROUNDS, f"federation.fl_round {quoted(f.fl_round)} is unknown{_suggest(f.fl_round, FL_ROUNDS)}"
+    )
     _check(
         f.schedule == "sequential" or f.sub_rounds == 1,
         "federation.schedule = 'parallel' runs every level in one window, so it needs federation.sub_rounds = 1",
     )
     _check(
         f.similarity in SIMILARITIES,
-        f"federation.similarity '{f.similarity}' is unknown{_suggest(f.similarity, SIMILARITIES)}",
+        f"federation.similarity {quoted(f.similarity)} is unknown{_suggest(f.similarity, SIMILARITIES)}",
     )
     _check(
         math.isfinite(f.temperature) and f.temperature > 0,
@@ -428,7 +435,7 @@ def validate(cfg: Config) -> None:
     )
     _check(
         f.similarity_on in SIMILARITY_ON,
-        f"federation.similarity_on '{f.similarity_on}' is unknown{_suggest(f.similarity_on, SIMILARITY_ON)}",
+        f"federation.similarity_on {quoted(f.similarity_on)} is unknown{_suggest(f.similarity_on, SIMILARITY_ON)}",
     )
     _check(0 <= f.outlier_weight <= 1, f"federation.outlier_weight must be in [0, 1], got {f.outlier_weight}")
     _check(f.outlier_rounds >= 1, f"federation.outlier_rounds must be >= 1, got {f.outlier_rounds}")
@@ -439,10 +446,10 @@ def validate(cfg: Config) -> None:
     _validate_server_opt(f.server_opt, "federation.server_opt")
     for node in cfg.tree.nodes:
         if node.server_opt is not None:
-            _validate_server_opt(node.server_opt, f"tree.nodes '{node.name}'.server_opt")
+            _validate_server_opt(node.server_opt, f"tree.nodes {quoted(node.name)}.server_opt")
     _check(
         cfg.eval.model in EVAL_MODELS,
-        f"eval.model '{cfg.eval.model}' is unknown{_suggest(cfg.eval.model, EVAL_MODELS)}",
+        f"eval.model {quoted(cfg.eval.model)} is unknown{_suggest(cfg.eval.model, EVAL_MODELS)}",
     )
     _check(
         -1 <= cfg.eval.trace_round < t.rounds,
@@ -456,7 +463,7 @@ def validate(cfg: Config) -> None:
     _check(256 < d.vocab_size <= 65535 * 4, f"data.vocab_size must be in (256, 262140], got {d.vocab_size}")
     _check(
         d.recipe in ("", "languages", "domains"),
-        f"data.recipe '{d.recipe}' is unknown (valid: languages, domains)",
+        f"data.recipe {quoted(d.recipe)} is unknown (valid: languages, domains)",
     )
     for src_name, src in d.sources.items():
         _check(
@@ -480,16 +487,16 @@ def _validate_dp(cfg: Config) -> None:
     dp = cfg.dp
     _check(dp.sigma > 0, f"dp.sigma must be > 0 (the noise multiplier), got {dp.sigma}")
     _check(0 < dp.delta < 1, f"dp.delta must be in (0, 1), got {dp.delta}")
-    _check(dp.clip in CLIP_RULES, f"dp.clip '{dp.clip}' is unknown{_suggest(dp.clip, CLIP_RULES)}")
+    _check(dp.clip in CLIP_RULES, f"dp.clip {quoted(dp.clip)} is unknown{_suggest(dp.clip, CLIP_RULES)}")
     _check(dp.initial_clip > 0, f"dp.initial_clip must be > 0, got {dp.initial_clip}")
     _check(dp.epsilon_budget >= 0, f"dp.epsilon_budget must be >= 0 (0: no budget), got {dp.epsilon_budget}")
     _check(0 < dp.target_quantile < 1, f"dp.target_quantile must be in (0, 1), got {dp.target_quantile}")
     _check(dp.clip_lr > 0 and dp.bit_sigma > 0, "dp.clip_lr and dp.bit_sigma must be > 0")
     names = [n.name for n in cfg.tree.nodes]
     for name in dp.nodes:
-        _check(name in names, f"dp.nodes names '{name}', which is not a tree node{_suggest(name, names)}")
-    _check(dp.unit in DP_UNITS, f"dp.unit '{dp.unit}' is unknown{_suggest(dp.unit, DP_UNITS)}")
-    _check(dp.noise in ("local", "central"), f"dp.noise must be local or central, got '{dp.noise}'")
+        _check(name in names, f"dp.nodes names {quoted(name)}, which is not a tree node{_suggest(name, names)}")
+    _check(dp.unit in DP_UNITS, f"dp.unit {quoted(dp.unit)} is unknown{_suggest(dp.unit, DP_UNITS)}")
+    _check(dp.noise in ("local", "central"), f"dp.noise must be local or central, got {quoted(dp.noise)}")
     if dp.noise == "central" and cfg.method in HIERARCHY_METHODS:
         inner = sorted(
             n.name for n in cfg.tree.nodes if n.name in dp_nodes(cfg) and n.name in {m.parent for m in cfg.tree.nodes}
@@ -505,18 +512,18 @@ def _validate_dp(cfg: Config) -> None:
     if cfg.method in HIERARCHY_METHODS and root is not None and dp.unit == "node":
         _check(
             root not in dp_nodes(cfg),
-            f"tree node '{root}' is the root: it sends nothing to a parent, so DP has nothing to privatise there; "
-            "flag leaves or regions instead (dp = true / dp.nodes)",
+            f"tree node {quoted(root)} is the root: it sends nothing to a parent, so DP has nothing to privatise "
+            "there; flag leaves or regions instead (dp = true / dp.nodes)",
         )
 
 
 def _validate_attack(cfg: Config) -> None:
     a = cfg.attack
-    _check(a.kind in ATTACKS, f"attack.kind '{a.kind}' is unknown{_suggest(a.kind, ATTACKS)}")
+    _check(a.kind in ATTACKS, f"attack.kind {quoted(a.kind)} is unknown{_suggest(a.kind, ATTACKS)}")
     _check(math.isfinite(a.scale), f"attack.scale must be a finite number, got {a.scale}")
     names = [n.name for n in cfg.tree.nodes]
     for name in a.nodes:
-        _check(name in names, f"attack.nodes names '{name}', which is not a tree node{_suggest(name, names)}")
+        _check(name in names, f"attack.nodes names {quoted(name)}, which is not a tree node{_suggest(name, names)}")
     _check(
         not a.nodes or cfg.method != "centralized",
         "attack.nodes has no meaning for method 'centralized' (one node on pooled text); attack another method",

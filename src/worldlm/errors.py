@@ -13,3 +13,9 @@ class ConfigError(WorldLMError):
 
 class DataError(WorldLMError):
     """Data is missing, unreadable, too small, or does not match the tokenizer."""
+
+
+def quoted(value: object) -> str:
+    """A user's value inside an error message: quoted, with newlines and control characters escaped, so
+    that the message stays one line whatever the config holds."""
+    return repr(str(value))

@@ -39,7 +39,7 @@ from typing import Any
 
 from worldlm import config as C
 from worldlm.config import _suggest
-from worldlm.errors import ConfigError, WorldLMError
+from worldlm.errors import ConfigError, WorldLMError, quoted
 
 TOP_KEYS = ("name", "description", "base", "methods", "seeds", "set", "method_set", "variants")
 VARIANT_KEYS = ("description", "base", "set", "methods", "seeds")
@@ -103,26 +103,28 @@ class ExperimentResult:
 def _check_keys(raw: dict[str, Any], valid: Sequence[str], where: str) -> None:
     for key in raw:
         if key not in valid:
-            raise ConfigError(f"{where}: unknown key '{key}'{_suggest(key, valid)}")
+            raise ConfigError(f"{where}: unknown key {quoted(key)}{_suggest(key, valid)}")
 
 
 def _str(raw: dict[str, Any], key: str, default: str, where: str) -> str:
     value = raw.get(key, default)
     if not isinstance(value, str):
-        raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
+        raise ConfigError(f"{where}: {quoted(key)} must be a string, got {value!r}")
     return value
 
 
 def _str_list(raw: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
     value = raw.get(key, [])
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{where}: '{key}' must be a list of strings, got {value!r}")
+        raise ConfigError(f"{where}: {quoted(key)} must be a list of strings, got {value!r}")
     return tuple(value)
 
 
 def _safe_name(name: str, what: str, where: str) -> str:
     if not SAFE_NAME.fullmatch(name):
-        raise ConfigError(f"{where}: {what} '{name}' must be letters, digits, '.', '_' or '-' (it names a directory)")
+        raise ConfigError(
+            f"{where}: {what} {quoted(name)} must be letters, digits, '.', '_' or '-' (it names a directory)"
+        )
     return name
 
 
@@ -130,7 +132,7 @@ def _methods(raw: dict[str, Any], where: str, allowed: Sequence[str], what: str)
     methods = _str_list(raw, "methods", where)
     for m in methods:
         if m not in allowed:
-            raise ConfigError(f"{where}: method '{m}' is not {what}{_suggest(m, allowed)}")
+            raise ConfigError(f"{where}: method {quoted(m)} is not {what}{_suggest(m, allowed)}")
     if len(set(methods)) != len(methods):
         raise ConfigError(f"{where}: 'methods' lists a method twice: {list(methods)}")
     return methods
@@ -148,9 +150,9 @@ def _overrides(items: Sequence[str], where: str) -> tuple[str, ...]:
     for item in items:
         key = item.split("=", 1)[0].strip()
         if "=" not in item:
-            raise ConfigError(f"{where}: override '{item}' must be KEY=VALUE (e.g. train.rounds=6)")
+            raise ConfigError(f"{where}: override {quoted(item)} must be KEY=VALUE (e.g. train.rounds=6)")
         if key in GRID_KEYS:
-            raise ConfigError(f"{where}: '{key}' is set per run by the experiment grid (methods, seeds, name)")
+            raise ConfigError(f"{where}: {quoted(key)} is set per run by the experiment grid (methods, seeds, name)")
     return tuple(items)
 
 
@@ -160,7 +162,7 @@ def _resolve_base(value: str, exp_path: Path, where: str) -> Path:
         if candidate.is_file():
             return Path(os.path.normpath(candidate))  # configs/demo.toml, not configs/experiments/../demo.toml
     raise ConfigError(
-        f"{where}: base config '{value}' not found (looked in {exp_path.parent} and the working directory)"
+        f"{where}: base config {quoted(value)} not found (looked in {exp_path.parent} and the working directory)"
     )
 
 
@@ -244,7 +246,7 @@ def plan_runs(exp: Experiment, out_dir: Path, overrides: Sequence[str] = ()) -> 
                     per_method = exp.method_set.get(method, ())
                     cfg = C.load_config(v.base, [*exp.set, *per_method, *v.set, *overrides, *grid])
                 except ConfigError as exc:
-                    raise ConfigError(f"{exp.path}: variant '{v.name}' ({v.base}): {exc}") from exc
+                    raise ConfigError(f"{exp.path}: variant {quoted(v.name)} ({v.base}): {exc}") from exc
                 specs.append(RunSpec(v.name, method, seed, cfg, out_dir / "runs" / v.name / method / f"seed{seed}"))
     return specs
 

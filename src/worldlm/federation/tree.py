@@ -10,7 +10,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from worldlm.errors import ConfigError
+from worldlm.errors import ConfigError, quoted
 
 NAME = re.compile(r"[A-Za-z0-9_.-]+")  # node names: no '#' (region aliases), '/', '@', ':', '>' (message keys)
 
@@ -89,7 +89,7 @@ def build_tree(specs: Sequence[NodeSpec]) -> Tree:
     for s in specs:
         if not NAME.fullmatch(s.name):
             raise ConfigError(
-                f"tree node name '{s.name}' has characters other than letters, digits, '_', '.' and '-'; "
+                f"tree node name {quoted(s.name)} has characters other than letters, digits, '_', '.' and '-'; "
                 "rename it (names appear in file names, edges 'a->b' and messages)"
             )
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -98,9 +98,11 @@ def build_tree(specs: Sequence[NodeSpec]) -> Tree:
     by_name = {s.name: s for s in specs}
     for s in specs:
         if s.parent and s.parent not in by_name:
-            raise ConfigError(f"tree node '{s.name}' has unknown parent '{s.parent}'; declare it or fix the name")
+            raise ConfigError(
+                f"tree node {quoted(s.name)} has unknown parent {quoted(s.parent)}; declare it or fix the name"
+            )
         if s.parent == s.name:
-            raise ConfigError(f"tree node '{s.name}' is its own parent (a cycle); point it at another node")
+            raise ConfigError(f"tree node {quoted(s.name)} is its own parent (a cycle); point it at another node")
     roots = [s.name for s in specs if not s.parent]
     if not roots:
         raise ConfigError("the tree has no root (every node has a parent, so there is a cycle); leave one parent empty")
@@ -120,7 +122,8 @@ def build_tree(specs: Sequence[NodeSpec]) -> Tree:
     unreachable = [n for n in names if n not in levels]
     if unreachable:
         raise ConfigError(
-            f"tree nodes {', '.join(unreachable)} form a cycle (not connected to root '{roots[0]}'); fix their parents"
+            f"tree nodes {', '.join(unreachable)} form a cycle (not connected to root {quoted(roots[0])}); "
+            "fix their parents"
         )
 
     def sources_of(name: str) -> tuple[str, ...]:
@@ -133,7 +136,7 @@ def build_tree(specs: Sequence[NodeSpec]) -> Tree:
     for name in order:
         srcs = sources_of(name)
         if not srcs:
-            raise ConfigError(f"tree node '{name}' has no data; list its sources (e.g. sources = [\"fr\"])")
+            raise ConfigError(f'tree node {quoted(name)} has no data; list its sources (e.g. sources = ["fr"])')
         spec = by_name[name]
         nodes[name] = TreeNode(
             name=name,
