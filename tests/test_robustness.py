@@ -108,7 +108,7 @@ def test_missing_data_directory_exits_2(tmp_path: Path, capsys: pytest.CaptureFi
     assert "no prepared data" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("name", "fix"), [("domains", "--recipe domains"), ("mine", "worldlm prepare CONFIG")])
+@pytest.mark.parametrize(("name", "fix"), [("domains", "--recipe domains --out"), ("mine", "worldlm prepare CONFIG")])
 def test_missing_data_names_the_command_that_prepares_it(tmp_path: Path, name: str, fix: str) -> None:
     with pytest.raises(DataError, match=f"no prepared data at .*{name}.*{fix}"):
         load_prepared(tmp_path / name)

@@ -84,11 +84,12 @@ def load_prepared(root: str | Path) -> Prepared:
     if not mpath.is_file():
         from worldlm.data.recipes import RECIPES  # only on this error path: recipes.py is heavy to import
 
-        fix = f"--recipe {root.name}" if root.name in RECIPES else "CONFIG (the config whose data.path this is)"
-        raise DataError(
-            f"no prepared data at {root} (missing {MANIFEST}); run `worldlm prepare {fix}` "
-            "or point data.path at a prepared directory"
+        fix = (
+            f"run `worldlm prepare --recipe {root.name} --out {root}`"
+            if root.name in RECIPES
+            else "run `worldlm prepare CONFIG` with the config whose data.path this is"
         )
+        raise DataError(f"no prepared data at {root} (missing {MANIFEST}); {fix}, or point data.path at prepared data")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
         splits = {
