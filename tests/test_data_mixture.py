@@ -78,3 +78,10 @@ def test_too_small_source_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not in"):
         data.tokens("de", "train")
     assert np.asarray(data.tokens("fr", "train")).size == 60_000
+
+
+def test_an_unknown_source_with_a_line_break_is_named_on_one_line() -> None:
+    tree = build_tree([NodeSpec("root"), NodeSpec("a", "root", ("fr\n",))])
+    with pytest.raises(DataError, match=r"tree uses source 'fr\\n' but") as exc:
+        assign_shards(tree, {"fr": 700}, leaf_shards=3, inner_shards=2)
+    assert "\n" not in str(exc.value)

@@ -43,7 +43,7 @@ from torch import Tensor
 import worldlm
 from worldlm import config as C
 from worldlm.data.prepared import write_token_streams
-from worldlm.errors import WorldLMError
+from worldlm.errors import WorldLMError, quoted
 from worldlm.federation import aggregation_reference as naive
 from worldlm.federation.aggregation import aggregate_children_batched, most_dissimilar_batched
 from worldlm.federation.worldlm import BYTES_PER_VALUE
@@ -475,7 +475,7 @@ def run_bench(
     size = QUICK if quick else DEFAULT
     if preset is not None:
         if preset not in PRESETS:
-            raise WorldLMError(f"unknown preset '{preset}'; valid: {', '.join(PRESETS)}")
+            raise WorldLMError(f"unknown preset {quoted(preset)}; valid: {', '.join(PRESETS)}")
         size = dataclasses.replace(size, preset=preset)
     if steps is not None:
         if steps < 1:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from worldlm.errors import WorldLMError
+from worldlm.errors import WorldLMError, quoted
 
 if TYPE_CHECKING:
     from worldlm.config import Config
@@ -136,7 +136,7 @@ def _gpu_list(text: str | None) -> list[int]:
     try:
         return [int(g) for g in text.split(",")]
     except ValueError:
-        raise WorldLMError(f"--gpus takes GPU indices separated by commas, e.g. 0,1; got '{text}'") from None
+        raise WorldLMError(f"--gpus takes GPU indices separated by commas, e.g. 0,1; got {quoted(text)}") from None
 
 
 def _flower_app(args: argparse.Namespace) -> int:
@@ -226,7 +226,9 @@ def _experiment(args: argparse.Namespace) -> int:
     try:
         seeds = [int(k) for k in (args.seeds or "").split(",") if k]
     except ValueError as exc:
-        raise ConfigError(f"--seeds takes comma-separated integers, e.g. --seeds 0,1 (got '{args.seeds}')") from exc
+        raise ConfigError(
+            f"--seeds takes comma-separated integers, e.g. --seeds 0,1 (got {quoted(args.seeds)})"
+        ) from exc
     run_experiment(
         args.config,
         Path(args.out_root),

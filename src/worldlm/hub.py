@@ -24,7 +24,7 @@ from torch import Tensor
 from worldlm import config as C
 from worldlm.data.prepared import load_prepared
 from worldlm.data.tokenizer import EOT, decode, encode, load_tokenizer
-from worldlm.errors import WorldLMError
+from worldlm.errors import WorldLMError, quoted
 from worldlm.model import GPT, gpt_config
 
 
@@ -56,7 +56,7 @@ def load_node_model(run: Path, node: str) -> NodeModel:
     """The model `run` delivers to `node` (eval mode, CPU, fp32) with its config and tokenizer."""
     nodes = run_nodes(run)
     if node not in nodes:
-        raise WorldLMError(f"run {run} has no model for node '{node}'; its nodes: {', '.join(nodes)}")
+        raise WorldLMError(f"run {run} has no model for node {quoted(node)}; its nodes: {', '.join(nodes)}")
     cfg = C.load_config(run / "config.toml")
     data = load_prepared(cfg.data.path)  # DataError (one line) when the prepared data is not here
     model = GPT(gpt_config(cfg.model.preset, data.vocab_size, cfg.model.seq_len))
@@ -64,7 +64,7 @@ def load_node_model(run: Path, node: str) -> NodeModel:
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise WorldLMError(f"{run}: the final model of '{node}' does not match its config ({exc})") from exc
+        raise WorldLMError(f"{run}: the final model of {quoted(node)} does not match its config ({exc})") from exc
     model.eval()
     return NodeModel(node, cfg, model, load_tokenizer(data.tokenizer_file), data.eot_id)
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from worldlm.data.prepared import Prepared
-from worldlm.errors import DataError
+from worldlm.errors import DataError, quoted
 from worldlm.federation.tree import Tree
 
 
@@ -43,7 +43,9 @@ def assign_shards(
     spans: dict[str, list[Span]] = {name: [] for name in tree.training_nodes}
     for src, nodes in holders.items():
         if src not in train_sizes:
-            raise DataError(f"tree uses source '{src}' but the prepared data has only {', '.join(sorted(train_sizes))}")
+            raise DataError(
+                f"tree uses source {quoted(src)} but the prepared data has only {', '.join(sorted(train_sizes))}"
+            )
         counts = [leaf_shards if tree.is_leaf(n) else inner_shards for n in nodes]
         shard = train_sizes[src] // sum(counts)
         offset = 0
@@ -87,7 +89,7 @@ class BatchSampler:
         for s in spans:
             if s.size < seq_len + 2:
                 raise DataError(
-                    f"source '{s.source}' gives a node only {s.size} training tokens, fewer than seq_len + 2 = "
+                    f"source {quoted(s.source)} gives a node only {s.size} training tokens, fewer than seq_len + 2 = "
                     f"{seq_len + 2}; add data, use fewer shards or a shorter model.seq_len"
                 )
         self.rng = np.random.default_rng(seed)
@@ -127,7 +129,7 @@ def eval_windows(data: Prepared, spans: list[Span], split: str, seq_len: int, n_
         available = (len(stream) - 1) // seq_len
         if available < 1:
             raise DataError(
-                f"the {split} split of '{span.source}' has {len(stream)} tokens, fewer than one window of "
+                f"the {split} split of {quoted(span.source)} has {len(stream)} tokens, fewer than one window of "
                 f"{seq_len + 1}; prepare more data or use a shorter model.seq_len"
             )
         for i in range(min(count, available)):

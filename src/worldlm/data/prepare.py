@@ -36,7 +36,7 @@ from worldlm.data.tokenizer import (
     save_tokenizer,
     train_tokenizer,
 )
-from worldlm.errors import DataError
+from worldlm.errors import DataError, quoted
 from worldlm.io import atomic_write_bytes, atomic_write_json, file_sha256
 
 Progress = Callable[[str], None]
@@ -68,7 +68,7 @@ def prepare_sources(
         raise DataError("no data sources given; add at least one source under data.sources")
     for name in specs:
         if not _SOURCE_NAME.fullmatch(name):  # it names a folder under tokens/
-            raise DataError(f"source name '{name}' is not usable; use letters, digits, '_' and '-' only")
+            raise DataError(f"source name {quoted(name)} is not usable; use letters, digits, '_' and '-' only")
     out = Path(out)
     settings = _settings(vocab_size, seed, val_fraction, test_fraction, tokenizer_file)
     fingerprint = {
@@ -263,7 +263,7 @@ def split_documents(
     docs = [d for d in docs if d.strip()]
     if len(docs) < len(SPLITS):
         raise DataError(
-            f"source '{source}' has {len(docs)} non-empty document(s); train, val and test each need one: "
+            f"source {quoted(source)} has {len(docs)} non-empty document(s); train, val and test each need one: "
             "add text (a text file splits into documents at blank lines; for one document per line use "
             'format = "lines")'
         )
@@ -280,7 +280,7 @@ def split_documents(
     for split in ("val", "test"):
         if not parts[split]:
             if len(parts["train"]) < 2:
-                raise DataError(f"source '{source}' is too small to split into train/val/test; add more text")
+                raise DataError(f"source {quoted(source)} is too small to split into train/val/test; add more text")
             shortest = min(range(len(parts["train"])), key=lambda i: len(parts["train"][i]))
             parts[split].append(parts["train"].pop(shortest))
     return parts

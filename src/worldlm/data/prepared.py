@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from worldlm.errors import DataError
+from worldlm.errors import DataError, quoted
 from worldlm.io import atomic_write_bytes
 
 SPLITS = ("train", "val", "test")
@@ -61,7 +61,7 @@ class Prepared:
         """Read-only memmap of one source's split (1-D token ids)."""
         if source not in self.splits:
             raise DataError(
-                f"data source '{source}' is not in {self.root / MANIFEST} "
+                f"data source {quoted(source)} is not in {self.root / MANIFEST} "
                 f"(available: {', '.join(self.sources)}); fix the tree's sources or re-run `worldlm prepare`"
             )
         info = self.splits[source][split]

@@ -51,7 +51,7 @@ from worldlm.data.clean import (
     strip_roff,
     strip_terminal_formatting,
 )
-from worldlm.errors import DataError
+from worldlm.errors import DataError, quoted
 
 Progress = Callable[[str], None]
 T = TypeVar("T")
@@ -145,7 +145,7 @@ def build_recipe(
 
 def _check_recipe(name: str) -> None:
     if name not in RECIPES:
-        raise DataError(f"unknown recipe '{name}'; use one of {', '.join(RECIPES)}")
+        raise DataError(f"unknown recipe {quoted(name)}; use one of {', '.join(RECIPES)}")
 
 
 # --- fetching --------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from typing import Literal, get_args
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from worldlm.errors import DataError
+from worldlm.errors import DataError, quoted
 
 Format = Literal["text", "lines", "jsonl", "parquet", "hf"]
 FORMATS: tuple[str, ...] = get_args(Format)
@@ -50,7 +50,9 @@ class SourceSpec:
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
-            raise DataError(f"source {self.path}: unknown format '{self.format}'; use one of {', '.join(FORMATS)}")
+            raise DataError(
+                f"source {self.path}: unknown format {quoted(self.format)}; use one of {', '.join(FORMATS)}"
+            )
 
 
 def source_files(spec: SourceSpec) -> list[Path]:
@@ -122,11 +124,11 @@ def _read_jsonl(path: Path, field: str) -> Iterator[str]:
         if not isinstance(record, dict) or field not in record:
             keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
             raise DataError(
-                f"{path}:{lineno}: no field '{field}' (found: {keys}); set the source's field to the text key"
+                f"{path}:{lineno}: no field {quoted(field)} (found: {keys}); set the source's field to the text key"
             )
         value = record[field]
         if not isinstance(value, str):
-            raise DataError(f"{path}:{lineno}: field '{field}' is {type(value).__name__}, expected a string")
+            raise DataError(f"{path}:{lineno}: field {quoted(field)} is {type(value).__name__}, expected a string")
         if value.strip():
             yield value.strip()
 
@@ -139,11 +141,12 @@ def _read_parquet(path: Path, field: str) -> Iterator[str]:
     schema = parquet.schema_arrow
     if field not in schema.names:
         raise DataError(
-            f"{path}: no column '{field}' (found: {', '.join(schema.names)}); set the source's field to the text column"
+            f"{path}: no column {quoted(field)} (found: {', '.join(schema.names)}); "
+            "set the source's field to the text column"
         )
     column_type = schema.field(field).type
     if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
-        raise DataError(f"{path}: column '{field}' holds {column_type}, expected strings")
+        raise DataError(f"{path}: column {quoted(field)} holds {column_type}, expected strings")
     for batch in parquet.iter_batches(columns=[field]):
         for value in batch.column(0).to_pylist():
             if value is not None and value.strip():
@@ -188,10 +191,10 @@ def _hf_column(part: object, field: str, where: Path) -> Iterator[str]:
     names = list(getattr(part, "column_names", []))
     if field not in names:
         raise DataError(
-            f"{where}: no column '{field}' (found: {', '.join(names)}); set the source's field to the text column"
+            f"{where}: no column {quoted(field)} (found: {', '.join(names)}); set the source's field to the text column"
         )
     for value in part[field]:  # type: ignore[index]
         if value is not None and not isinstance(value, str):
-            raise DataError(f"{where}: column '{field}' holds {type(value).__name__}, expected strings")
+            raise DataError(f"{where}: column {quoted(field)} holds {type(value).__name__}, expected strings")
         if value is not None and value.strip():
             yield value.strip()
