@@ -86,7 +86,11 @@ def summary_of(run: Path) -> dict[str, Any]:
 
 
 def tiny_config(tmp: Path, data: Path, method: str = "worldlm", extra: str = "") -> Path:
-    """A config for a 7-node tree on the synthetic data, small enough to run in seconds."""
+    """A config for a 7-node tree on the synthetic data, small enough to run in seconds.
+
+    One thread: tests compare runs bit for bit, across processes too (a killed run and its resume, Flower's
+    workers), and at two threads a fresh process on an AVX-512 Xeon now and then rounds the AdamW step's
+    square root differently (README, "Same numbers"); at one thread every process agrees."""
     text = (
         f"""
 name = "tiny"
@@ -105,6 +109,7 @@ rounds = 2
 local_steps = 3
 batch_size = 4
 lr_max = 3e-3
+threads = 1
 
 [eval]
 batches = 2
