@@ -215,6 +215,14 @@ def test_node_private_state_round_trips(data: Path, tmp_path: Path) -> None:
     assert other.trainer.samplers["fr-it"].state() == side.trainer.samplers["fr-it"].state()
 
 
+def test_an_unknown_node_name_is_quoted_on_one_line(data: Path, tmp_path: Path) -> None:
+    # node-name comes from the SuperNode's --node-config: a user's value, escaped like the config's
+    cfg = C.load_config(tiny_config(tmp_path, data, "worldlm"))
+    with pytest.raises(WorldLMError, match=r"node-name 'fr\\nit' is not a node") as exc:
+        NodeSide(cfg, "fr\nit")
+    assert "\n" not in str(exc.value)
+
+
 @pytest.mark.parametrize(
     ("method", "sets", "message"),
     [

@@ -33,7 +33,7 @@ from typing import Any
 import tomli_w
 
 from worldlm import config as C
-from worldlm.errors import WorldLMError
+from worldlm.errors import WorldLMError, quoted
 from worldlm.io import atomic_write_text
 from worldlm.runners.flower import FLOWER_ENV, require_flower
 from worldlm.runners.flower.coordinator import RUN_FACTS, ProgressFn, engine_plan, step_events
@@ -382,7 +382,7 @@ def deploy_local(
     (Flower's own: a fresh ClientApp process per message); both give the same results bitwise.
     """
     if isolation not in ("warm", "subprocess"):
-        raise WorldLMError(f"--isolation is 'warm' or 'subprocess', not '{isolation}'")
+        raise WorldLMError(f"--isolation is 'warm' or 'subprocess', not {quoted(isolation)}")
     require_flower()
     check_supported(cfg)
     if nested:

@@ -33,7 +33,7 @@ from torch import Tensor
 from worldlm import config as C
 from worldlm.data.mixture import eval_windows
 from worldlm.data.prepared import load_prepared
-from worldlm.errors import WorldLMError
+from worldlm.errors import WorldLMError, quoted
 from worldlm.evaluate import evaluate
 from worldlm.federation.tree import Tree
 from worldlm.federation.worldlm import (
@@ -150,7 +150,9 @@ class NodeSide:
         self.threads = cfg.train.threads or threads
         self.tree = tree_from_config(cfg)
         if name not in self.tree.nodes:
-            raise WorldLMError(f"node-name '{name}' is not a node of the config's tree ({', '.join(self.tree.order)})")
+            raise WorldLMError(
+                f"node-name {quoted(name)} is not a node of the config's tree ({', '.join(self.tree.order)})"
+            )
         self.data = load_prepared(data_path or cfg.data.path)
         setup = set_up(cfg, self.data)  # every node builds the same initial model as the in-process runner
         self.spans, self.model, self.layout, self.feds = setup.spans, setup.model, setup.layout, setup.feds
