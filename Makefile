@@ -7,7 +7,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test test-fast lint venv clean
 
 venv: $(STAMP)
 
@@ -27,9 +27,15 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
+# Everything CI runs: lint, then every test but the `slow` ones (minutes each: `pytest -m slow`).
 test: $(STAMP) lint
 	$(BIN)/pytest
+
+# The developer's loop: unit tests only (no end-to-end runs), well under two minutes on 2 cores.
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not e2e and not slow"
 
 clean:
 	rm -rf runs build *.egg-info

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from worldlm.bench import complete_tree, run_bench
 from worldlm.cli import main
 from worldlm.timing import PhaseTimer
+from worldlm.tools.bench import complete_tree, run_bench
 
 PHASES = {"training", "serialisation", "aggregation", "routing", "evaluation", "checkpoint", "other"}
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from fixtures import make_prepared
-from worldlm.data.mixture import BatchSampler, Span, assign_shards, eval_windows, mixture_weights
+from worldlm.data.mixture import Span, assign_shards, mixture_weights
 from worldlm.data.prepared import load_prepared
+from worldlm.data.samplers import BatchSampler, eval_windows
 from worldlm.errors import DataError
 from worldlm.federation.tree import NodeSpec, build_tree
 

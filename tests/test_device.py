@@ -18,10 +18,10 @@ import torch
 from fixtures import make_prepared, summary_of, tiny_config, train_tiny
 from worldlm import config as C
 from worldlm.cli import main
-from worldlm.device import Compute, resolve_compute
 from worldlm.errors import ConfigError
 from worldlm.model import GPT, GPTConfig
-from worldlm.train import ClientOptConfig, Schedule, make_client_opt, train_steps
+from worldlm.training.device import Compute, resolve_compute
+from worldlm.training.loop import ClientOptConfig, Schedule, make_client_opt, train_steps
 
 
 @pytest.fixture(scope="module")
@@ -107,11 +107,11 @@ def test_what_the_machine_cannot_do_is_one_line(data: Path, tmp_path: Path, caps
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(ConfigError, match="has no CUDA device"):
-        resolve_compute(C.load_config(cfg, ['train.device="cuda:1"']))
+        resolve_compute("cuda:1", "auto", 1)
     assert main(["train", str(cfg), "--out", str(tmp_path / "x"), "--set", 'train.device="cuda"']) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no CUDA device" in err
-    auto = resolve_compute(C.load_config(cfg))
+    auto = resolve_compute("auto", "auto", 1)
     assert auto.device.type == "cpu" and auto.autocast is None and auto.accum == 1
 
 
@@ -132,7 +132,7 @@ def test_gpu_check_dry_run_writes_its_results(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_memory_plan_of_the_paper_presets_matches_a_hand_count() -> None:
-    from worldlm.memory import memory_plan
+    from worldlm.tools.memory import memory_plan
 
     # 125m by hand: V·C + T·C (embeddings) + L·(12C² + 4C) (blocks: qkv 3C², proj C², MLP 8C², two LayerNorms)
     # + 2C (final LayerNorm), with V = 50304, T = 1024, C = 768, L = 12
@@ -186,8 +186,8 @@ def test_states_in_host_memory_give_the_same_run(data: Path, tmp_path: Path) -> 
 
 
 def test_host_states_move_every_tensor_of_a_node_state() -> None:
-    from worldlm.federation.worldlm import NodeState, Residual
-    from worldlm.runners.node_state import HostStates
+    from worldlm.federation.types import NodeState, Residual
+    from worldlm.runners.state_store import HostStates
 
     # prepare: a state with every tensor the checkpoint holds but the server optimizer's (its load_state_dict
     # reads its step count, which a device without values cannot give; resume tests cover its round trip)

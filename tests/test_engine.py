@@ -10,21 +10,11 @@ import torch
 
 from fixtures import TREE, FakeTrainer, make_prepared, tiny_config, train_tiny
 from worldlm.cli import main
+from worldlm.federation.round import deployed_models, run_round, sequential_span, trainings_per_round
 from worldlm.federation.server_opt import ServerOptConfig, make_server_opt
+from worldlm.federation.steps import initial_child_keys, route_pending
 from worldlm.federation.tree import Tree, flat_tree
-from worldlm.federation.worldlm import (
-    FedOptions,
-    NodeState,
-    Residual,
-    Split,
-    Update,
-    deployed_models,
-    initial_child_keys,
-    route_pending,
-    run_round,
-    sequential_span,
-    trainings_per_round,
-)
+from worldlm.federation.types import FedOptions, NodeState, Residual, Split, Update
 
 
 def states_for(tree: Tree, size: int, opt: ServerOptConfig) -> dict[str, NodeState]:

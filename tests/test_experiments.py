@@ -17,10 +17,11 @@ import pytest
 
 from fixtures import make_prepared, tiny_config
 from worldlm.cli import main
-from worldlm.config import Config, _parse_override, load_config
+from worldlm.config import Config, load_config
+from worldlm.config.load import parse_override
 from worldlm.data.prepared import load_prepared
 from worldlm.errors import ConfigError, DataError
-from worldlm.experiments import load_experiment, plan_runs
+from worldlm.experiments.spec import load_experiment, plan_runs
 from worldlm.runners import local
 from worldlm.runners.planning import node_spans, tree_from_config
 from worldlm.runners.resume import Interrupted
@@ -305,7 +306,7 @@ def test_variants_seeds_and_methods_select_what_trains(micro: Micro, runner_call
 
 
 def test_a_diverged_run_reads_diverged_not_a_huge_number() -> None:
-    from worldlm.experiment_markdown import _mean_std, _ratio
+    from worldlm.experiments.markdown import _mean_std, _ratio
 
     assert _mean_std(math.exp(50.0), 0.0) == _mean_std(math.nan, math.nan) == "diverged"
     assert _mean_std(562.0, 74.9) == "562.00 ± 74.90" and _ratio(1.25) == "1.25×" and _ratio(math.nan) == "–"
@@ -418,8 +419,8 @@ def test_every_shipped_experiment_resolves_every_run(path: Path, tmp_path: Path)
     for spec in specs:
         assert (spec.cfg.method, spec.cfg.seed) == (spec.method, spec.seed)
         assert tree_from_config(spec.cfg).order
-        variant_keys = {tuple(_parse_override(item)[0]) for item in exp.variants[spec.variant].set}
+        variant_keys = {tuple(parse_override(item)[0]) for item in exp.variants[spec.variant].set}
         for item in exp.method_set.get(spec.method, ()):  # each per-method setting reaches its runs
-            keys, value = _parse_override(item)  # as the config loader reads it
+            keys, value = parse_override(item)  # as the config loader reads it
             if tuple(keys) not in variant_keys:  # a variant's own setting comes after method_set
                 assert _setting(spec.cfg, keys) == value, (spec.label, item)

@@ -23,7 +23,7 @@ from fixtures import make_prepared, summary_of, tiny_config  # noqa: E402
 from worldlm import config as C  # noqa: E402
 from worldlm.cli import main  # noqa: E402
 from worldlm.errors import WorldLMError  # noqa: E402
-from worldlm.federation.worldlm import BYTES_PER_VALUE  # noqa: E402
+from worldlm.federation.types import BYTES_PER_VALUE  # noqa: E402
 from worldlm.runners.flower import wire  # noqa: E402
 from worldlm.runners.flower.coordinator import Directory  # noqa: E402
 from worldlm.runners.flower.engines import InProcessGrid, make_client_app, run_inprocess  # noqa: E402
@@ -253,10 +253,9 @@ def test_simulation_engine_equals_local_runner(data: Path, local_worldlm: Path, 
     [[], ["--nested"], ["--isolation", "subprocess"]],  # warm flat (the default), warm nested, Flower's own
 )
 def test_deploy_local_equals_local_runner_and_stops_its_processes(
-    data: Path, local_worldlm: Path, tmp_path: Path, request: pytest.FixtureRequest, options: list[str]
+    data: Path, local_worldlm: Path, tmp_path: Path, options: list[str]
 ) -> None:
-    if "slow" not in str(request.config.getoption("markexpr") or ""):
-        pytest.skip("a loopback deployment takes minutes: pytest -m slow, or scripts/flower_smoke.sh")
+    """A loopback deployment takes minutes: `pytest -m slow`, or scripts/flower_smoke.sh."""
     out = tmp_path / "deploy"
     cfg = tiny_config(tmp_path, data, "worldlm")
     assert main(["deploy-local", str(cfg), "--out", str(out), "--quiet", *options]) == 0

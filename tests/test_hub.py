@@ -20,7 +20,7 @@ from worldlm.data.prepare import prepare_sources
 from worldlm.data.sources import SourceSpec, read_documents
 from worldlm.data.tokenizer import encode
 from worldlm.errors import DataError
-from worldlm.hub import generate_ids, load_node_model, prompt_ids
+from worldlm.tools.hub import generate_ids, load_node_model, prompt_ids
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worldlm.evaluate import evaluate
 from worldlm.model import GPT, PRESETS, ParamLayout, gpt_config
-from worldlm.train import ClientOptConfig, Schedule, make_client_opt, train_steps
+from worldlm.training.evaluate import evaluate
+from worldlm.training.loop import ClientOptConfig, Schedule, make_client_opt, train_steps
 
 
 def tiny(vocab: int = 64, seq_len: int = 16) -> GPT:

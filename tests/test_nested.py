@@ -26,9 +26,10 @@ from flwr.app import Message  # noqa: E402
 from fixtures import LANG_TREE, make_prepared, summary_of, tiny_config  # noqa: E402
 from worldlm import config as C  # noqa: E402
 from worldlm.errors import WorldLMError  # noqa: E402
-from worldlm.federation.worldlm import origin_node  # noqa: E402
+from worldlm.federation.steps import origin_node  # noqa: E402
 from worldlm.runners.flower.aliases import Aliases  # noqa: E402
-from worldlm.runners.flower.nested import merge_federations, run_nested_inprocess  # noqa: E402
+from worldlm.runners.flower.engines import run_nested_inprocess  # noqa: E402
+from worldlm.runners.flower.nested import merge_federations  # noqa: E402
 from worldlm.runners.local import run  # noqa: E402
 
 # root -> west -> (fr, south -> (it, ru)), root -> east -> uk: a region inside a region

@@ -19,7 +19,10 @@ from test_engine import TREE, FakeTrainer, states_for
 from worldlm.cli import main
 from worldlm.config import dumps, load_config
 from worldlm.errors import ConfigError
-from worldlm.federation.privacy import (
+from worldlm.federation.round import run_round
+from worldlm.federation.server_opt import ServerOptConfig
+from worldlm.federation.types import FedOptions, NodeState, Residual, Split, Update
+from worldlm.privacy.node import (
     DPSettings,
     Privacy,
     apply_difference,
@@ -28,8 +31,6 @@ from worldlm.federation.privacy import (
     message_difference,
     privatize_vector,
 )
-from worldlm.federation.server_opt import ServerOptConfig
-from worldlm.federation.worldlm import FedOptions, NodeState, Residual, Split, Update, run_round
 
 SPLIT = Split(3, 2, 4)  # backbone 3 values, 2 key layers of 4
 SIZE = 3 + 2 * 4

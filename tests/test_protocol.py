@@ -14,9 +14,10 @@ from fixtures import TREE, FakeTrainer, make_prepared, tiny_config, train_tiny
 from worldlm import config as C
 from worldlm.data.mixture import Span, cap_spans, mixture_weights
 from worldlm.errors import ConfigError
+from worldlm.federation.round import run_round, sequential_span
 from worldlm.federation.server_opt import ServerOptConfig, make_server_opt
 from worldlm.federation.tree import FL_SERVER
-from worldlm.federation.worldlm import FedOptions, NodeState, Split, run_round, sequential_span
+from worldlm.federation.types import FedOptions, NodeState, Split
 from worldlm.runners.planning import engine_rounds, plan, stages_per_round, tree_from_config
 
 

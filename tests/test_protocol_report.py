@@ -13,9 +13,9 @@ import pytest
 from fixtures import make_prepared, tiny_config
 from worldlm.cli import main
 from worldlm.errors import ConfigError
-from worldlm.experiment_markdown import markdown
-from worldlm.experiment_report import reference_variants, targeted_rows, value_at
-from worldlm.experiments import load_experiment
+from worldlm.experiments.markdown import markdown
+from worldlm.experiments.report import reference_variants, targeted_rows, value_at
+from worldlm.experiments.spec import load_experiment
 
 EXPERIMENT = """
 name = "proto"
@@ -112,7 +112,7 @@ def test_method_set_names_a_method_of_the_experiment(tmp_path: Path) -> None:
 def test_trace_points_average_the_points_every_seed_has() -> None:
     from types import SimpleNamespace
 
-    from worldlm.experiment_report import trace_points
+    from worldlm.experiments.report import trace_points
 
     def point(what: str, step: int, loss: float) -> dict[str, Any]:
         return {"round": 3, "node": "root", "what": what, "step": step, "val_loss_all": loss, "val_loss": loss}

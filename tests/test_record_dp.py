@@ -20,7 +20,7 @@ from worldlm.model import GPT, GPTConfig
 
 opacus = pytest.importorskip("opacus")
 
-from worldlm.record_dp import RecordDP, calibrate, per_example_grads  # noqa: E402
+from worldlm.privacy.record import RecordDP, calibrate, per_example_grads  # noqa: E402
 
 RECORD = ['dp.nodes=["fr"]', 'dp.unit="record"', "dp.target_epsilon=8.0", "dp.max_grad_norm=1.0"]
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fixtures import make_prepared, tiny_config
-from worldlm import io as wio
+from worldlm import files as wio
 from worldlm.cli import main
 from worldlm.config import load_config
 from worldlm.data.prepared import load_prepared

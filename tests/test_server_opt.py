@@ -197,7 +197,7 @@ def test_registry_and_factory() -> None:
     for kind, cls in expected.items():
         opt = make_server_opt(ServerOptConfig(kind=kind))
         assert type(opt) is cls and opt.kind == kind
-    assert ServerOptConfig().kind == "fedavgm" and ServerOptConfig().momentum == 0.9
+    assert ServerOptConfig().kind == "fedavg" and ServerOptConfig().momentum == 0.9  # one default: the config's
 
 
 @pytest.mark.parametrize(

@@ -32,8 +32,9 @@ from worldlm.federation.aggregation import (
     most_dissimilar_batched,
     route_batched,
 )
+from worldlm.federation.round import run_round
 from worldlm.federation.server_opt import ServerOptConfig, make_server_opt
-from worldlm.federation.worldlm import FedOptions, NodeState, Split, run_round
+from worldlm.federation.types import FedOptions, NodeState, Split
 
 E = math.e
 KINDS = ["weights", "centered", "updates"]
@@ -319,12 +320,12 @@ def test_updates_similarity_resumes_and_offloads_bitwise(data: Path, tmp_path: P
 
 
 def test_random_token_sampler_and_scaled_update_trainer(data: Path) -> None:
-    from worldlm.data.mixture import BatchSampler
     from worldlm.data.prepared import load_prepared
+    from worldlm.data.samplers import BatchSampler
     from worldlm.model import GPT, ParamLayout, gpt_config
     from worldlm.runners.planning import tree_from_config
     from worldlm.runners.trainer import LocalTrainer
-    from worldlm.train import ClientOptConfig, Schedule
+    from worldlm.training.loop import ClientOptConfig, Schedule
 
     prepared = load_prepared(data)
     cfg = C.load_config(tiny_config(data.parent, data), ['attack.nodes=["fr"]', 'attack.kind="random_tokens"'])

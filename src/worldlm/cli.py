@@ -20,7 +20,7 @@ def _prepare(args: argparse.Namespace) -> int:
     from worldlm import config as C
     from worldlm.data.prepare import prepare_recipe, prepare_sources
     from worldlm.data.sources import SourceSpec
-    from worldlm.report import console
+    from worldlm.experiments.console import console
 
     out = Path(args.out) if args.out else None
     log = (lambda msg: None) if args.quiet else (lambda msg: console.print(f"[dim]prepare[/] {msg}"))
@@ -42,7 +42,7 @@ def _prepare(args: argparse.Namespace) -> int:
         else:
             raise C.ConfigError(f"{args.config} has neither data.recipe nor [data.sources.*]; nothing to prepare")
     if not args.quiet:
-        from worldlm.report import print_prepared
+        from worldlm.experiments.console import print_prepared
 
         print_prepared(prepared)
     return 0
@@ -59,7 +59,7 @@ def _out_dir(path: str | None, name: str, force: bool) -> Path:
 
 def _train(args: argparse.Namespace) -> int:
     from worldlm import config as C
-    from worldlm.report import console
+    from worldlm.experiments.console import console
     from worldlm.runners.local import run
 
     cfg = C.load_config(args.config, args.set)
@@ -83,7 +83,7 @@ def _warn(message: str) -> None:
 
 def _show_run(args: argparse.Namespace, out: Path, engine: str, fn: Callable[[Any], dict[str, Any]]) -> int:
     """Run `fn(progress)` under the progress display, then print its summary (every runner)."""
-    from worldlm.report import console, print_summary, progress_display
+    from worldlm.experiments.console import console, print_summary, progress_display
 
     with progress_display(quiet=args.quiet) as progress:
         summary = fn(progress)
@@ -198,7 +198,8 @@ def _merge_federations(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from worldlm import config as C
-    from worldlm.report import compare_runs, console, progress_display
+    from worldlm.experiments.comparison import compare_runs
+    from worldlm.experiments.console import console, progress_display
     from worldlm.runners.local import run
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -220,7 +221,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _experiment(args: argparse.Namespace) -> int:
     from worldlm.config import ConfigError
-    from worldlm.experiments import run_experiment
+    from worldlm.experiments.run import run_experiment
 
     variants = [v for v in (args.variants or "").split(",") if v]
     try:
@@ -243,7 +244,7 @@ def _experiment(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from worldlm.hub import export_hf, run_nodes
+    from worldlm.tools.hub import export_hf, run_nodes
 
     run = Path(args.run)
     if args.all == bool(args.node):
@@ -258,7 +259,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from worldlm.hub import generate, load_node_model
+    from worldlm.tools.hub import generate, load_node_model
 
     nodes = [n for n in args.node.split(",") if n]
     for node in nodes:  # several nodes: the same prompt and settings, one line each (⏎ marks a newline)
@@ -275,14 +276,14 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _gpu_check(args: argparse.Namespace) -> int:
-    from worldlm.gpu_check import cli
+    from worldlm.tools.gpu_check import cli
 
     return cli(Path(args.out), args.dry_run, args.quiet)
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from worldlm.bench import run_bench
-    from worldlm.report import console
+    from worldlm.experiments.console import console
+    from worldlm.tools.bench import run_bench
 
     def say(msg: str) -> None:
         if not args.quiet:

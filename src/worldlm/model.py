@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from worldlm.federation.worldlm import Split
+from worldlm.federation.types import Split
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,8 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).split(c, dim=2)  # 3 x (B, T, C)
         q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))  # (B, H, T, C/H)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, C/H)
-        return self.proj(y.transpose(1, 2).contiguous().view(b, t, c))
+        out: Tensor = self.proj(y.transpose(1, 2).contiguous().view(b, t, c))
+        return out
 
 
 class MLP(nn.Module):
@@ -77,7 +78,8 @@ class MLP(nn.Module):
         self.proj = nn.Linear(cfg.mlp_ratio * cfg.n_embd, cfg.n_embd, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.gelu(self.fc(x)))
+        out: Tensor = self.proj(F.gelu(self.fc(x)))
+        return out
 
 
 class Block(nn.Module):
@@ -90,7 +92,8 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
+        out: Tensor = x + self.mlp(self.ln2(x))
+        return out
 
 
 class GPT(nn.Module):
@@ -158,7 +161,7 @@ class ParamLayout:
             raise ValueError(f"state has {flat.numel()} values, the model {self.total}")
         params = dict(model.named_parameters())
         with torch.no_grad():
-            for name, chunk, shape in zip(self.names, flat.split(self.numels), self.shapes, strict=True):
+            for name, chunk, shape in zip(self.names, torch.split(flat, self.numels), self.shapes, strict=True):
                 params[name].copy_(chunk.view(shape))
 
     def key_matrix_mask(self) -> Tensor:

@@ -37,7 +37,7 @@ from worldlm.data.tokenizer import (
     train_tokenizer,
 )
 from worldlm.errors import DataError, quoted
-from worldlm.io import atomic_write_bytes, atomic_write_json, file_sha256
+from worldlm.files import atomic_write_bytes, atomic_write_json, file_sha256
 
 Progress = Callable[[str], None]
 TOKENIZER_FILE = "tokenizer.json"

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from worldlm.errors import DataError, quoted
-from worldlm.io import atomic_write_bytes
+from worldlm.files import atomic_write_bytes
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"

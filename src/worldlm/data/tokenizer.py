@@ -14,7 +14,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from worldlm.errors import DataError
-from worldlm.io import atomic_write_text
+from worldlm.files import atomic_write_text
 
 EOT = "<|endoftext|>"
 MIN_VOCAB = 257  # the 256 byte symbols plus <|endoftext|>

@@ -543,3 +543,14 @@ def route(residual: Tensor, children: Sequence[Tensor]) -> int:
     pos = torch.zeros(1, dtype=torch.long, device=residual.device)
     best, _ = route_batched(residual.unsqueeze(0), pos, stacked)
     return int(best[0])
+
+
+def child_shares(weights: Tensor) -> Tensor:
+    """Each child's share of its parent's attention over the children: the parent's own row of step 4.iv's
+    weights [L, M, M] (member 0 the parent) without its self-weight, renormalised: [L, C], rows sum to 1.
+
+    Leaving the self-weight out keeps the share comparable across temperatures (at a low τ the fixed
+    self-score 1 takes most of the row whatever the children are); uniform attention gives 1/C each.
+    """
+    row = weights[:, 0, 1:]
+    return row / row.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(row.dtype).tiny)

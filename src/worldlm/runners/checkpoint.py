@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from worldlm.errors import WorldLMError
-from worldlm.io import atomic_write_json, atomic_write_with, file_sha256
+from worldlm.files import atomic_write_json, atomic_write_with, file_sha256
 
 PREFIX = "round-"
 FORMAT = 2  # 1: one state.safetensors + state.json (before node states could live on disk)

@@ -21,15 +21,14 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from worldlm import config as C
-from worldlm.data.mixture import eval_windows
 from worldlm.data.prepared import load_prepared
+from worldlm.data.samplers import eval_windows
 from worldlm.errors import WorldLMError
-from worldlm.evaluate import evaluate
-from worldlm.federation.privacy import Privacy
-from worldlm.federation.worldlm import run_round
-from worldlm.io import JsonlWriter, atomic_write_bytes, atomic_write_json, atomic_write_text
+from worldlm.federation.round import run_round
+from worldlm.files import JsonlWriter, atomic_write_bytes, atomic_write_json, atomic_write_text
+from worldlm.privacy.node import Privacy
 from worldlm.runners.checkpoint import CannotResume, Part, Snapshot, load_latest, save_checkpoint
-from worldlm.runners.node_state import DiskStates, HostStates, NodeStates, encode_state, load_state
+from worldlm.runners.metrics_log import metrics_writer
 from worldlm.runners.planning import (
     FINE_TUNED,
     initial_state,
@@ -54,10 +53,11 @@ from worldlm.runners.records import (
     train_record,
 )
 from worldlm.runners.resume import Interrupted, drop_rounds_from, graceful_stop, truncate_lines
+from worldlm.runners.state_store import DiskStates, HostStates, NodeStates, encode_state, load_state
 from worldlm.runners.trainer import LocalTrainer
-from worldlm.tensorboard import metrics_writer
 from worldlm.timing import PhaseTimer, round_record
-from worldlm.train import TrainStats
+from worldlm.training.evaluate import evaluate
+from worldlm.training.loop import TrainStats
 
 ProgressFn = Callable[[dict[str, Any]], None]
 

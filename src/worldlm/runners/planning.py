@@ -17,27 +17,21 @@ import torch
 from torch import Tensor, nn
 
 from worldlm import config as C
-from worldlm.data.mixture import BatchSampler, Span, assign_shards, cap_spans
+from worldlm.data.mixture import Span, assign_shards, cap_spans
 from worldlm.data.prepared import Prepared
-from worldlm.device import Compute, resolve_compute
+from worldlm.data.samplers import BatchSampler, PoissonWindows
 from worldlm.federation.aggregation import Similarity
-from worldlm.federation.privacy import DPSettings, Privacy
-from worldlm.federation.server_opt import ServerOpt, ServerOptConfig, make_server_opt
+from worldlm.federation.round import deployed_models, sequential_span, trainings_per_round
+from worldlm.federation.server_opt import ServerOpt, make_server_opt
+from worldlm.federation.steps import fine_tuned_model, initial_child_keys
 from worldlm.federation.tree import NodeSpec, Tree, TreeNode, build_tree, flat_tree
-from worldlm.federation.worldlm import (
-    FedOptions,
-    NodeState,
-    Split,
-    deployed_models,
-    fine_tuned_model,
-    initial_child_keys,
-    sequential_span,
-    trainings_per_round,
-)
+from worldlm.federation.types import FedOptions, NodeState, Split
 from worldlm.model import GPT, ParamLayout, gpt_config
-from worldlm.record_dp import PoissonWindows, RecordDP, calibrate
-from worldlm.runners.node_state import MemoryStates, NodeStates
-from worldlm.train import ClientOptConfig, Schedule
+from worldlm.privacy.node import Privacy
+from worldlm.privacy.record import RecordDP, calibrate
+from worldlm.runners.state_store import MemoryStates, NodeStates
+from worldlm.training.device import Compute, resolve_compute
+from worldlm.training.loop import ClientOptConfig, Schedule
 
 
 @dataclass
@@ -65,18 +59,7 @@ def make_privacy(cfg: C.Config, fed: Federation) -> Privacy | None:
     parents = {n: p for n in fed.tree.order if fed.tree[n].dp and (p := fed.tree[n].parent) is not None}
     if not parents:
         return None
-    d = cfg.dp
-    settings = DPSettings(
-        sigma=d.sigma,
-        delta=d.delta,
-        clip=d.clip,
-        initial_clip=d.initial_clip,
-        epsilon_budget=d.epsilon_budget,
-        target_quantile=d.target_quantile,
-        clip_lr=d.clip_lr,
-        bit_sigma=d.bit_sigma,
-        noise=d.noise,
-    )
+    settings = C.dp_settings(cfg)
     seeds = {n: node_seed(cfg.seed, f"dp-noise/{n}") for n in parents}
     return Privacy(settings, parents, seeds, {p: node_seed(cfg.seed, f"dp-central/{p}") for p in set(parents.values())})
 
@@ -90,16 +73,12 @@ def make_record_dp(cfg: C.Config, fed: Federation, name: str, sampler: PoissonWi
     return RecordDP(sigma, sampler.sample_rate, n, cfg.dp.max_grad_norm, seed, cfg.dp.delta, cfg.dp.epsilon_budget)
 
 
-def _server_opt_cfg(s: C.ServerOptSettings) -> ServerOptConfig:
-    return ServerOptConfig(kind=s.kind, lr=s.lr, momentum=s.momentum, beta1=s.beta1, beta2=s.beta2, tau=s.tau)
-
-
 def server_opt_for(cfg: C.Config, fed: Federation, name: str) -> ServerOpt | None:
     """A fresh server optimizer for an inner node (its own settings, else federation.server_opt); None for a leaf."""
     if not fed.tree[name].children:
         return None
     own = next((n.server_opt for n in cfg.tree.nodes if n.name == name and n.server_opt), None)
-    return make_server_opt(_server_opt_cfg(own or cfg.federation.server_opt))
+    return make_server_opt(own or cfg.federation.server_opt)
 
 
 def _single(name: str, spans: list[Span]) -> Tree:
@@ -290,7 +269,8 @@ def held_tokens(cfg: C.Config, spans: dict[str, list[Span]]) -> dict[str, int]:
 def set_up(cfg: C.Config, data: Prepared) -> RunSetup:
     tree = tree_from_config(cfg)
     spans = node_spans(cfg, tree, data)
-    compute = resolve_compute(cfg)
+    t = cfg.train
+    compute = resolve_compute(t.device, t.precision, t.grad_accum, bool(C.dp_nodes(cfg)))
     torch.manual_seed(cfg.seed)
     model = GPT(gpt_config(cfg.model.preset, data.vocab_size, cfg.model.seq_len))
     model.to(compute.device)  # initialised on the CPU: the same weights whatever the device

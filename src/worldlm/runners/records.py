@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 
 from worldlm import config as C
-from worldlm.federation.worldlm import BYTES_PER_VALUE
-from worldlm.record_dp import RecordDP
-from worldlm.train import TrainStats
+from worldlm.federation.types import BYTES_PER_VALUE
+from worldlm.privacy.record import RecordDP
+from worldlm.training.loop import TrainStats
 
 
 def train_record(rnd: int, level: int, node: str, end_step: int, stats: TrainStats) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from worldlm.errors import WorldLMError
-from worldlm.io import atomic_write_text
+from worldlm.files import atomic_write_text
 
 
 class Interrupted(WorldLMError):

@@ -8,14 +8,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from worldlm.data.mixture import BatchSampler
-from worldlm.device import CPU, Compute
+from worldlm.data.samplers import BatchSampler, PoissonWindows
 from worldlm.model import GPT, ParamLayout
-from worldlm.record_dp import PoissonWindows, RecordDP
+from worldlm.privacy.record import RecordDP
 from worldlm.runners.checkpoint import Part, read_part, write_part
-from worldlm.runners.node_state import adam_part, load_adam
+from worldlm.runners.state_store import adam_part, load_adam
 from worldlm.timing import PhaseFn, no_phase
-from worldlm.train import ClientOptConfig, Schedule, TrainStats, make_client_opt, train_steps
+from worldlm.training.device import CPU, Compute
+from worldlm.training.loop import ClientOptConfig, Schedule, TrainStats, make_client_opt, train_steps
 
 Sampler = BatchSampler | PoissonWindows
 

@@ -12,7 +12,7 @@
   behind bridge SuperNodes, residual origins aliased at federation borders); `deploy.py`: `deploy-local`.
 - `warm.py`: one long-lived ClientApp process per SuperNode (deploy-local's default isolation).
 
-Both sides call the same pure functions of `worldlm.federation.worldlm` as the in-process runner,
+Both sides call the same pure functions of `worldlm.federation.round` as the in-process runner,
 so the same config and seed give the same numbers. Flower is an optional extra: `pip install -e ".[flower]"`.
 """
 

@@ -23,8 +23,8 @@ from typing import cast
 
 from flwr.app import ConfigRecord, RecordDict
 
-from worldlm.federation.worldlm import origin_node
-from worldlm.io import atomic_write_json
+from worldlm.federation.steps import origin_node
+from worldlm.files import atomic_write_json
 
 ALIASES = "aliases.json"
 

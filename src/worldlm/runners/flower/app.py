@@ -28,8 +28,9 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from worldlm.runners.flower import quiet_flower_env
+from worldlm.runners.flower.bridge import forward, serve_socket
 from worldlm.runners.flower.coordinator import Coordinator, ProgressFn
-from worldlm.runners.flower.nested import RegionCoordinator, forward, serve_socket
+from worldlm.runners.flower.nested import RegionCoordinator
 from worldlm.runners.flower.node import config_from_text, handle
 
 quiet_flower_env()

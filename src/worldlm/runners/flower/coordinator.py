@@ -34,13 +34,16 @@ from torch import Tensor
 
 from worldlm import config as C
 from worldlm.errors import WorldLMError
+from worldlm.federation.events import edge_event
+from worldlm.federation.round import sequential_span
 from worldlm.federation.tree import Tree
-from worldlm.federation.worldlm import Split, edge_event, sequential_span
-from worldlm.io import JsonlWriter, atomic_write_json, atomic_write_text
+from worldlm.federation.types import Split
+from worldlm.files import JsonlWriter, atomic_write_json, atomic_write_text
 from worldlm.model import ParamLayout
 from worldlm.runners.flower import Backoff, wire
 from worldlm.runners.flower.aliases import ALIASES, Aliases, rename_origins
 from worldlm.runners.flower.node import check_nested, check_supported, host_of
+from worldlm.runners.metrics_log import metrics_writer
 from worldlm.runners.planning import (
     FINE_TUNED,
     Federation,
@@ -58,7 +61,6 @@ from worldlm.runners.records import (
     privacy_summary,
     run_summary,
 )
-from worldlm.tensorboard import metrics_writer
 
 ProgressFn = Callable[[dict[str, Any]], None]
 LogFn = Callable[[str], None]

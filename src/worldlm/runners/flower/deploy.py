@@ -34,7 +34,7 @@ import tomli_w
 
 from worldlm import config as C
 from worldlm.errors import WorldLMError, quoted
-from worldlm.io import atomic_write_text
+from worldlm.files import atomic_write_text
 from worldlm.runners.flower import FLOWER_ENV, require_flower
 from worldlm.runners.flower.coordinator import RUN_FACTS, ProgressFn, engine_plan, step_events
 from worldlm.runners.flower.nested import FINISHED, federation_dirs, merge_federations

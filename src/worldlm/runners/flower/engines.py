@@ -5,11 +5,14 @@
   engine ships them to its actors). Seconds; used by the tests and `--runner flower-inproc`.
 - `run_simulation_engine`: Flower's Simulation Engine (Ray actors run the ClientApps, the
   ServerApp runs in a thread here); `worldlm train CONFIG --runner flower-sim`.
+- `run_nested_inprocess`: a nested deployment (`nested`) in this process: one grid and coordinator per
+  inner node, bridges calling their regions' coordinators directly.
 - `deploy_local`: `worldlm deploy-local CONFIG`; see `deploy.py`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 from collections.abc import Callable, Iterable
@@ -28,8 +31,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from worldlm import config as C
 from worldlm.runners.flower import require_flower
 from worldlm.runners.flower.app import make_client_app, make_server_app
+from worldlm.runners.flower.bridge import INPROC, serve_inprocess
 from worldlm.runners.flower.coordinator import Coordinator, ProgressFn
-from worldlm.runners.flower.node import check_supported
+from worldlm.runners.flower.nested import RegionCoordinator, federation_dirs, merge_federations
+from worldlm.runners.flower.node import check_nested, check_supported
 from worldlm.runners.planning import tree_from_config
 
 
@@ -182,3 +187,41 @@ def run_simulation_engine(
     if "summary" not in result:
         raise RuntimeError("the simulation ended without a summary; see the log above")
     return dict(result["summary"])
+
+
+def run_nested_inprocess(
+    cfg: C.Config,
+    out: Path,
+    progress: ProgressFn | None = None,
+    timeout: float = 600.0,
+    grid_hook: Callable[[str, Any], None] | None = None,
+) -> dict[str, Any]:
+    """A nested deployment over in-process messages: one grid and coordinator per inner node, bridges
+    calling the regions' coordinators directly (no sockets). `grid_hook(node, grid)` sees each grid."""
+    require_flower()
+    check_supported(cfg)
+    check_nested(cfg)
+    tree = tree_from_config(cfg)
+    dirs = federation_dirs(cfg, out)
+    app = make_client_app(run_defaults(cfg, out))
+    threads = torch.get_num_threads()
+    try:
+        with contextlib.ExitStack() as served:
+            coordinators: dict[str, Coordinator] = {}
+            for q, part in dirs.items():
+                bridged = [c for c in tree[q].children if c in dirs]  # inner children: regions of their own
+                configs = [{"node-name": q}] + [
+                    {"node-name": c, **({"bridge": INPROC + c} if c in bridged else {})} for c in tree[q].children
+                ]
+                grid = InProcessGrid(app, configs)
+                if grid_hook is not None:
+                    grid_hook(q, grid)
+                if q == tree.root:
+                    coordinators[q] = Coordinator(grid, cfg, part, timeout, 10.0, progress=progress, scope=q)
+                else:
+                    coordinators[q] = region = RegionCoordinator(grid, cfg, part, q, timeout, 10.0)
+                    served.enter_context(serve_inprocess(q, region.request))
+            coordinators[tree.root].run()
+            return merge_federations(cfg, out, list(dirs.values()))
+    finally:
+        torch.set_num_threads(threads)  # the nodes' thread count applies to this run only

@@ -1,4 +1,4 @@
-"""Nested federations (issue 19): every inner node of the tree runs its own federation.
+"""Nested federations: every inner node of the tree runs its own federation.
 
 Each inner node q has its own SuperLink and coordinator (`Coordinator(scope=q)`), whose members are
 q's own node (a SuperNode on q's SuperLink: q's data, optimizer and key-layer state) and q's children.
@@ -20,46 +20,35 @@ receive, and a region's only what its members do:
 `merge_federations` joins the parts (each federation's records, the root's run facts, the aliases)
 into the run directory the in-process runner writes; with the same config and seed, summary.json is
 bitwise the in-process runner's. The bridge reaches its region's coordinator through a channel on the
-region's own host: a Unix socket (`serve_socket` / `forward`, Flower's protobuf encoding of the
-RecordDict), or, for `run_nested_inprocess` (tests), a function in this process.
+region's own host (`bridge`); `engines.run_nested_inprocess` runs every federation in one process.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import socket
-import struct
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
-import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
-from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-from flwr.proto.recorddict_pb2 import RecordDict as RecordDictProto
 from flwr.serverapp import Grid
 
 from worldlm import config as C
 from worldlm.errors import WorldLMError
-from worldlm.io import atomic_write_json, atomic_write_text
-from worldlm.runners.flower import require_flower, wire
+from worldlm.files import atomic_write_json, atomic_write_text
+from worldlm.runners.flower import wire
 from worldlm.runners.flower.aliases import ALIASES, rename_origins
 from worldlm.runners.flower.coordinator import (
     RUN_FACTS,
     Coordinator,
     Evaluation,
     LogFn,
-    ProgressFn,
     _stderr,
     federated_summary,
 )
-from worldlm.runners.flower.node import check_nested, check_supported
+from worldlm.runners.metrics_log import metrics_writer
 from worldlm.runners.planning import tree_from_config
-from worldlm.tensorboard import metrics_writer
 
 FINISHED = "finished.json"  # a region's coordinator was told the run is over (its run's exit is no fault)
 FEDERATIONS = "federations"  # <run>/federations/<inner node>/: each federation's part of the run directory
@@ -163,104 +152,6 @@ class RegionCoordinator(Coordinator):
         return RecordDict({"metrics": MetricRecord({f"{self.region}/{k}": v for k, v in own.items()})})
 
 
-# ---------------------------------------------------------------------- the channel bridge -> coordinator
-
-INPROC = "inproc:"  # a bridge address naming a region served in this process (run_nested_inprocess)
-_LOCAL: dict[str, Callable[[str, RecordDict], RecordDict]] = {}
-BRIDGED = {"query.hello": "hello", "train.subtree": "visit", "evaluate.subtree": "evaluate", "query.finish": "finish"}
-
-
-def _send(sock: socket.socket, payload: bytes) -> None:
-    sock.sendall(struct.pack("!Q", len(payload)) + payload)
-
-
-def _recv(sock: socket.socket) -> bytes:
-    def exactly(n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = sock.recv(min(n - len(buf), 1 << 20))
-            if not chunk:
-                raise ConnectionError("the other side closed the connection")
-            buf += chunk
-        return bytes(buf)
-
-    (n,) = struct.unpack("!Q", exactly(8))
-    return exactly(int(n))
-
-
-def _encode(kind: str, content: RecordDict) -> bytes:
-    head, body = kind.encode(), bytes(recorddict_to_proto(content).SerializeToString())
-    return struct.pack("!H", len(head)) + head + body
-
-
-def _decode(payload: bytes) -> tuple[str, RecordDict]:
-    (n,) = struct.unpack("!H", payload[:2])
-    proto = RecordDictProto()
-    proto.ParseFromString(payload[2 + n :])
-    return payload[2 : 2 + n].decode(), recorddict_from_proto(proto)
-
-
-def forward(address: str, message_type: str, content: RecordDict, wait: float, ttl: float | None = None) -> RecordDict:
-    """The bridge's side: one message to the region's coordinator at `address`, its reply back.
-
-    A socket that is not there yet (the region's coordinator still starting) is waited for up to `wait`
-    seconds; a coordinator that fails answers with its one-line error, raised here (the parent's
-    coordinator then leaves the region out of the round). No reply within `ttl` (the message's own
-    time to live): the bridge gives up, so a hung coordinator never blocks the bridge's next message."""
-    kind = BRIDGED.get(message_type)
-    if kind is None:
-        raise WorldLMError(f"a bridge SuperNode relays {', '.join(BRIDGED)}, not '{message_type}'")
-    if address.startswith(INPROC):
-        return _LOCAL[address.removeprefix(INPROC)](kind, content)
-    wait = min(wait, ttl) if ttl else wait
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.connect(address)
-                sock.settimeout(ttl)
-                _send(sock, _encode(kind, content))
-                status, reply = _decode(_recv(sock))
-            break
-        except TimeoutError:
-            raise WorldLMError(f"the region coordinator at {address} did not answer within {ttl:g} s") from None
-        except (FileNotFoundError, ConnectionRefusedError):
-            if time.monotonic() > deadline:
-                raise WorldLMError(
-                    f"no region coordinator at {address} after {wait:g} s; is its federation's run started?"
-                ) from None
-            time.sleep(0.5)
-    if status != "ok":
-        raise WorldLMError(str(reply.config_records["error"]["message"]))
-    return reply
-
-
-def serve_socket(region: RegionCoordinator, path: Path) -> None:
-    """The region's side: answer the bridge's requests, one at a time, until the run is finished."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()  # a stale socket of a coordinator that died
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
-        server.bind(str(path))
-        os.chmod(path, 0o600)  # only this host's user (the organisation's own processes)
-        server.listen(4)
-        try:
-            while not region.finished:
-                conn, _ = server.accept()
-                with conn:
-                    kind, content = _decode(_recv(conn))
-                    try:
-                        reply, status = region.request(kind, content), "ok"
-                    except (WorldLMError, ConnectionError) as exc:
-                        region.log(str(exc))
-                        reply, status = RecordDict({"error": ConfigRecord({"message": str(exc)})}), "error"
-                    with contextlib.suppress(OSError):  # the bridge may have given up waiting
-                        _send(conn, _encode(status, reply))
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-
-
 # ---------------------------------------------------------------------- joining the parts
 
 
@@ -325,49 +216,3 @@ def merge_federations(cfg: C.Config, out: Path, parts: list[Path]) -> dict[str, 
     atomic_write_text(out / "config.toml", C.dumps(cfg))
     atomic_write_json(out / "summary.json", summary)
     return summary
-
-
-# ---------------------------------------------------------------------- all federations in this process
-
-
-def run_nested_inprocess(
-    cfg: C.Config,
-    out: Path,
-    progress: ProgressFn | None = None,
-    timeout: float = 600.0,
-    grid_hook: Callable[[str, Any], None] | None = None,
-) -> dict[str, Any]:
-    """A nested deployment over in-process messages: one grid and coordinator per inner node, bridges
-    calling the regions' coordinators directly (no sockets). `grid_hook(node, grid)` sees each grid."""
-    require_flower()
-    check_supported(cfg)
-    check_nested(cfg)
-    from worldlm.runners.flower.app import make_client_app
-    from worldlm.runners.flower.engines import InProcessGrid, run_defaults
-
-    tree = tree_from_config(cfg)
-    dirs = federation_dirs(cfg, out)
-    app = make_client_app(run_defaults(cfg, out))
-    root: Coordinator | None = None
-    served: list[str] = []
-    threads = torch.get_num_threads()
-    try:
-        for q, part in dirs.items():
-            members = [q, *tree[q].children]
-            configs = [{"node-name": m, **({"bridge": INPROC + m} if m in dirs and m != q else {})} for m in members]
-            grid = InProcessGrid(app, configs)
-            if grid_hook is not None:
-                grid_hook(q, grid)
-            if q == tree.root:
-                root = Coordinator(grid, cfg, part, timeout=timeout, connect_timeout=10.0, progress=progress, scope=q)
-            else:
-                region = RegionCoordinator(grid, cfg, part, q, timeout=timeout, connect_timeout=10.0)
-                _LOCAL[q] = region.request
-                served.append(q)
-        assert root is not None
-        root.run()
-        return merge_federations(cfg, out, list(dirs.values()))
-    finally:
-        for q in served:
-            _LOCAL.pop(q, None)
-        torch.set_num_threads(threads)

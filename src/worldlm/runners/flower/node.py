@@ -9,7 +9,7 @@ residuals gathered for its parent) and what it last received of its children's k
 the SuperLink) or, with `state-dir` in the node config, in files on the node, which also survive
 a SuperNode restart. Only models and residuals leave, as the algorithm prescribes.
 
-Each handler is one per-node step of `worldlm.federation.worldlm` (the functions `run_round`
+Each handler is one per-node step of `worldlm.federation.round` (the functions `run_round`
 uses), so a node does exactly what the in-process runner does for it.
 """
 
@@ -31,33 +31,31 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from worldlm import config as C
-from worldlm.data.mixture import eval_windows
 from worldlm.data.prepared import load_prepared
+from worldlm.data.samplers import eval_windows
 from worldlm.errors import WorldLMError, quoted
-from worldlm.evaluate import evaluate
-from worldlm.federation.tree import Tree
-from worldlm.federation.worldlm import (
-    NodeState,
-    Residual,
-    Update,
-    accept_from_parent,
-    aggregate_step,
+from worldlm.federation.events import (
     children_attention_event,
-    fine_tuned_model,
-    keep_trained,
     outlier_event,
     parent_attention_event,
     pick_event,
-    receive_from_parent,
     route_event,
+)
+from worldlm.federation.steps import (
+    accept_from_parent,
+    aggregate_step,
+    fine_tuned_model,
+    keep_trained,
+    receive_from_parent,
     route_pending,
     start_visit,
     uses_keys,
 )
-from worldlm.io import atomic_write_bytes
+from worldlm.federation.tree import Tree
+from worldlm.federation.types import NodeState, Residual, Update
+from worldlm.files import atomic_write_bytes
 from worldlm.runners.checkpoint import Part
 from worldlm.runners.flower import wire
-from worldlm.runners.node_state import adam_part, encode_state, load_adam, load_state
 from worldlm.runners.planning import (
     FINE_TUNED,
     Federation,
@@ -69,8 +67,10 @@ from worldlm.runners.planning import (
     tree_from_config,
 )
 from worldlm.runners.records import record_dp_record, train_record
+from worldlm.runners.state_store import adam_part, encode_state, load_adam, load_state
 from worldlm.runners.trainer import LocalTrainer
-from worldlm.train import TrainStats
+from worldlm.training.evaluate import evaluate
+from worldlm.training.loop import TrainStats
 
 STATE_KEY = "worldlm"  # the ArrayRecord in Context.state holding this node's private state
 

@@ -18,7 +18,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from torch import Tensor
 
-from worldlm.federation.worldlm import FedOptions, Residual, Split
+from worldlm.federation.types import FedOptions, Residual, Split
 
 
 def _array(t: Tensor, dtype: torch.dtype = torch.float32) -> Array:

@@ -43,7 +43,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from worldlm.federation.worldlm import Residual, Split, Update
+from worldlm.errors import quoted, suggest
+from worldlm.federation.types import Residual, Split, Update
 
 __all__ = [
     "CLIP_RULES",
@@ -75,23 +76,20 @@ class DPSettings:
     bit_sigma: float = 0.5  # adaptive: σ_b, std of the noise on each node's centred clip bit
     noise: str = "local"  # local: each DP node noises its own release; central: its parent noises their sum
 
-    def __post_init__(self) -> None:
-        if self.noise not in NOISE:
-            raise ValueError(f"dp.noise must be one of {', '.join(NOISE)}, got {self.noise!r}")
-        if self.clip not in CLIP_RULES:
-            raise ValueError(f"dp.clip must be one of {', '.join(CLIP_RULES)}, got {self.clip!r}")
-        if not (self.sigma > 0 and math.isfinite(self.sigma)):
-            raise ValueError(f"dp.sigma must be > 0, got {self.sigma}")
-        if not 0 < self.delta < 1:
-            raise ValueError(f"dp.delta must be in (0, 1), got {self.delta}")
-        if not self.initial_clip > 0:
-            raise ValueError(f"dp.initial_clip must be > 0, got {self.initial_clip}")
-        if not self.epsilon_budget >= 0:
-            raise ValueError(f"dp.epsilon_budget must be >= 0 (0: none), got {self.epsilon_budget}")
-        if not 0 < self.target_quantile < 1:
-            raise ValueError(f"dp.target_quantile must be in (0, 1), got {self.target_quantile}")
-        if not (self.clip_lr > 0 and self.bit_sigma > 0):
-            raise ValueError("dp.clip_lr and dp.bit_sigma must be > 0")
+    def __post_init__(self) -> None:  # messages name the [dp] key: the config loader reports them as they are
+        checks = [
+            (0 < self.sigma < math.inf, f"dp.sigma must be > 0 (the noise multiplier), got {self.sigma}"),
+            (0 < self.delta < 1, f"dp.delta must be in (0, 1), got {self.delta}"),
+            (self.clip in CLIP_RULES, f"dp.clip {quoted(self.clip)} is unknown{suggest(self.clip, CLIP_RULES)}"),
+            (self.initial_clip > 0, f"dp.initial_clip must be > 0, got {self.initial_clip}"),
+            (self.epsilon_budget >= 0, f"dp.epsilon_budget must be >= 0 (0: no budget), got {self.epsilon_budget}"),
+            (0 < self.target_quantile < 1, f"dp.target_quantile must be in (0, 1), got {self.target_quantile}"),
+            (self.clip_lr > 0 and self.bit_sigma > 0, "dp.clip_lr and dp.bit_sigma must be > 0"),
+            (self.noise in NOISE, f"dp.noise must be local or central, got {quoted(self.noise)}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
 
     def release_events(self) -> list[float]:
         """Noise multipliers of the Gaussian mechanisms one release runs (update, then the clip bit)."""

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from worldlm.device import CPU, Compute
+from worldlm.training.device import CPU, Compute
 
 
 @torch.no_grad()
@@ -17,7 +17,7 @@ def evaluate(model: nn.Module, windows: Tensor, batch_size: int, compute: Comput
     `compute.device` under its autocast (the NLL itself in fp32)."""
     model.eval()
     total, count = 0.0, 0
-    for chunk in windows.split(batch_size):
+    for chunk in torch.split(windows, batch_size):
         chunk = chunk.to(compute.device, non_blocking=True)
         x, y = chunk[:, :-1], chunk[:, 1:]
         with compute.autocasting():

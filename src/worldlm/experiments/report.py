@@ -25,12 +25,13 @@ from typing import Any
 import numpy as np
 
 from worldlm import config as C
-from worldlm import plots
 from worldlm.data.mixture import Span, mixture_weights
 from worldlm.data.prepared import Prepared, load_prepared
-from worldlm.experiment_markdown import FT, markdown
-from worldlm.experiments import Experiment, RunSpec, is_complete
-from worldlm.io import atomic_write_json, atomic_write_text
+from worldlm.experiments import plots
+from worldlm.experiments.markdown import FT, markdown
+from worldlm.experiments.spec import Experiment, RunSpec, is_complete
+from worldlm.files import atomic_write_json, atomic_write_text
+from worldlm.runners.planning import held_tokens, node_spans, tree_from_config
 
 REFERENCE = "worldlm"
 
@@ -129,7 +130,6 @@ def method_stats(
 def data_passes(runs: list[RunData]) -> dict[str, float]:
     """Per trainer, how many times the run went over the training tokens it holds (mean over seeds): its
     training tokens divided by its shard's (> 1: it saw its data more than once and can overfit it)."""
-    from worldlm.runners.planning import held_tokens
 
     held = held_tokens(runs[0].spec.cfg, node_spans_of(runs[0].spec))
     return {n: float(np.mean([r.node_tokens.get(n, 0) / size for r in runs])) for n, size in held.items() if size}
@@ -269,7 +269,6 @@ def run_row(run: RunData, out_dir: Path) -> dict[str, Any]:
 
 def attention_data(runs: list[RunData]) -> tuple[np.ndarray, list[str], list[int], np.ndarray | None, list[str]]:
     """Mean over seeds of λ_self per (node, round) and of the root's last-round children λ matrix."""
-    from worldlm.runners.planning import tree_from_config
 
     tree = tree_from_config(runs[0].spec.cfg)
     parent = [a for r in runs for a in r.attention if a["kind"] == "parent"]
@@ -333,7 +332,6 @@ def attention_rows(runs: list[RunData]) -> list[dict[str, Any]]:
 
 def flow_data(runs: list[RunData]) -> tuple[np.ndarray, list[str], list[str]]:
     """Residuals per run (mean over seeds) from origin to the leaf that received them ('none': no allowed child)."""
-    from worldlm.runners.planning import tree_from_config
 
     tree = tree_from_config(runs[0].spec.cfg)
     landed = [(r["origin"], r["destination"] or "none") for run in runs for r in run.routes]
@@ -354,7 +352,6 @@ def _prepared(path: str) -> Prepared:
 
 def node_spans_of(spec: RunSpec) -> dict[str, list[Span]]:
     """Each tree node's training spans, recomputed from the tree and the manifest as the run had them (A.2)."""
-    from worldlm.runners.planning import node_spans, tree_from_config
 
     cfg = spec.cfg
     return node_spans(cfg, tree_from_config(cfg), _prepared(cfg.data.path))

@@ -46,10 +46,10 @@ from worldlm.data.prepared import write_token_streams
 from worldlm.errors import WorldLMError, quoted
 from worldlm.federation import aggregation_reference as naive
 from worldlm.federation.aggregation import aggregate_children_batched, most_dissimilar_batched
-from worldlm.federation.worldlm import BYTES_PER_VALUE
-from worldlm.io import atomic_write_json, atomic_write_text
+from worldlm.federation.types import BYTES_PER_VALUE
+from worldlm.files import atomic_write_json, atomic_write_text
 from worldlm.model import GPT, PRESETS, ParamLayout, gpt_config
-from worldlm.train import ClientOptConfig, Schedule, make_client_opt, train_steps
+from worldlm.training.loop import ClientOptConfig, Schedule, make_client_opt, train_steps
 
 VOCAB = 4096  # the prepared recipes' default
 TARGETS = {"in_round_vs_raw": 0.95, "non_training_fraction": 0.05, "aggregation_speedup_at_16": 10.0}
@@ -230,7 +230,7 @@ def training_throughput(
     step_model = torch.compile(model) if setting == "fp32-compiled" else model
     private = None
     if setting == "fp32-dp-sgd":  # the DP-SGD step of a DP node (issue 16): its cost against plain fp32
-        from worldlm.record_dp import RecordDP
+        from worldlm.privacy.record import RecordDP
 
         private = RecordDP(1.0, 1.0, batch, 1.0, seed=0).backward
     bf16 = setting == "bf16-autocast"
@@ -452,7 +452,7 @@ def memory(size: BenchSize, say: Callable[[str], None]) -> list[dict[str, Any]]:
             }
             say(f"memory: branching {branching}, depth {depth}, offload_states={offload} (own process)")
             proc = subprocess.run(
-                [sys.executable, "-m", "worldlm.bench", json.dumps(args)], env=env, capture_output=True, text=True
+                [sys.executable, "-m", "worldlm.tools.bench", json.dumps(args)], env=env, capture_output=True, text=True
             )
             if proc.returncode != 0:
                 raise WorldLMError(f"memory measurement {args} failed:\n{proc.stderr.strip()[-2000:]}")

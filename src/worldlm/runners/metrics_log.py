@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from worldlm.errors import WorldLMError
-from worldlm.io import JsonlWriter
+from worldlm.files import JsonlWriter
 
 TB_DIR = "tensorboard"
 

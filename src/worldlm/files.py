@@ -34,7 +34,10 @@ def atomic_write_with(path: str | Path, write: Callable[[Path], None], fsync: bo
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, fsync: bool = True) -> None:
-    atomic_write_with(path, lambda tmp: tmp.write_bytes(data), fsync)
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+
+    atomic_write_with(path, write, fsync)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -28,13 +28,13 @@ from torch import Tensor
 
 from worldlm import config as C
 from worldlm.data.prepared import write_token_streams
-from worldlm.device import Compute
-from worldlm.io import atomic_write_json, atomic_write_text
+from worldlm.files import atomic_write_json, atomic_write_text
 from worldlm.model import GPT, gpt_config
-from worldlm.train import ClientOptConfig, Schedule, make_client_opt, train_steps
+from worldlm.training.device import Compute
+from worldlm.training.loop import ClientOptConfig, Schedule, make_client_opt, train_steps
 
 VOCAB = 50304  # the paper sizes' vocabulary (GPT-2's, padded)
-DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"  # the 7-node languages tree (a checkout)
+DEMO = Path(__file__).resolve().parents[3] / "configs" / "demo.toml"  # the 7-node languages tree (a checkout)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from worldlm.device import CPU, Compute
+from worldlm.training.device import CPU, Compute
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""PNG figures of the experiment report (issue 5), drawn from plain arrays and written atomically.
+"""PNG figures of experiment reports and comparisons, drawn from plain arrays and written atomically.
 
 Figures are built with matplotlib's object API (`Figure`, rendered by Agg), never pyplot, so no
 global state or display backend is involved.
@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from worldlm.io import atomic_write_bytes
+from worldlm.files import atomic_write_bytes
 
 Curve = list[tuple[int, float]]  # (sequential step or training tokens, perplexity) points
 
@@ -149,4 +149,24 @@ def trace_plot(traces: dict[str, list[TracePoint]], path: Path, title: str) -> N
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", title="shared model (line)", title_fontsize="small")
     fig.suptitle(title)
+    _save(fig, path)
+
+
+def method_curves(curves: dict[str, dict[str, list[tuple[int, int, float]]]], path: Path) -> None:
+    """Mean validation perplexity over nodes, one line per method, against sequential steps (paper Fig. 3)
+    and against compute (training tokens of all nodes together). `curves`: per method, per node, the
+    (sequential step, training tokens so far, perplexity) points of its validations."""
+    fig = Figure(figsize=(11, 4), layout="tight")
+    axes = fig.subplots(1, 2)
+    for method, nodes in curves.items():
+        first = next(iter(nodes.values()))
+        mean = np.mean([[p for _, _, p in c] for c in nodes.values()], axis=0)
+        axes[0].plot([s for s, _, _ in first], mean, marker="o", label=method)
+        axes[1].plot([t for _, t, _ in first], mean, marker="o", label=method)
+    for ax, xlabel in zip(axes, ("sequential steps", "training tokens of all nodes (compute)"), strict=True):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("mean validation perplexity over nodes")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
     _save(fig, path)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from worldlm.federation.server_opt import ServerOpt
-from worldlm.federation.worldlm import NodeState, Residual
+from worldlm.federation.types import NodeState, Residual
 from worldlm.runners.checkpoint import Part, read_part, write_part
 from worldlm.timing import PhaseFn, no_phase
 

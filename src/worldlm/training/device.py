@@ -1,7 +1,8 @@
-"""Where and how a run computes (issue 18): device, autocast precision, gradient accumulation.
+"""Where and how a run computes: device, autocast precision, gradient accumulation.
 
-`resolve_compute` turns `train.device` / `train.precision` / `train.grad_accum` into a `Compute` once per
-run (every runner alike), with one-line errors for what this machine cannot do. On the CPU with the
+`resolve_compute` turns `train.device` / `train.precision` / `train.grad_accum` into a `Compute` once
+per run (every runner alike, through `runners.planning`), with one-line errors for what this machine
+cannot do. On the CPU with the
 defaults it is fp32 and one micro-batch, so runs are bitwise what they were before these settings.
 """
 
@@ -13,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from worldlm import config as C
 from worldlm.errors import ConfigError
 
 
@@ -48,21 +48,21 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_compute(cfg: C.Config) -> Compute:
-    """The run's device, autocast dtype and micro-batches (see config.TrainConfig)."""
-    t = cfg.train
-    device = resolve_device(t.device)
+def resolve_compute(name: str, precision: str, grad_accum: int, private: bool = False) -> Compute:
+    """The run's device (`train.device`), autocast dtype (`train.precision`) and micro-batches
+    (`train.grad_accum`); `private`: the run has DP nodes."""
+    device = resolve_device(name)
     cuda = device.type == "cuda"
-    if cuda and C.dp_nodes(cfg):  # the DP mechanism's noise and accountant state live on the CPU
+    if cuda and private:  # the DP mechanism's noise and accountant state live on the CPU
         raise ConfigError('differential privacy (dp nodes) runs on the CPU for now; set train.device = "cpu"')
     bf16_ok = cuda and torch.cuda.is_bf16_supported()
-    if t.precision == "bf16" and cuda and not bf16_ok:
+    if precision == "bf16" and cuda and not bf16_ok:
         raise ConfigError(f"train.precision = 'bf16' but {torch.cuda.get_device_name(device)} has no bf16; use fp32")
-    use_bf16 = t.precision == "bf16" or (t.precision == "auto" and bf16_ok)
+    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_ok)
     if cuda:  # TF32 matmuls for the fp32 parts (never in the federation's similarities: those are float64)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Compute(device, torch.bfloat16 if use_bf16 else None, t.grad_accum)
+    return Compute(device, torch.bfloat16 if use_bf16 else None, grad_accum)
 
 
 CPU = Compute(torch.device("cpu"), None, 1)  # the default of the training and evaluation functions

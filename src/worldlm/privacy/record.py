@@ -24,13 +24,10 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from worldlm.data.mixture import Span
-from worldlm.data.prepared import Prepared
 from worldlm.errors import WorldLMError
 
 
@@ -59,42 +56,13 @@ def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: in
         )
 
 
-class PoissonWindows:
-    """A DP node's records: the non-overlapping windows of its shards, each taken with probability q per step."""
-
-    def __init__(self, data: Prepared, spans: list[Span], seq_len: int, batch_size: int, seed: int) -> None:
-        self.streams = [data.tokens(s.source, "train") for s in spans]
-        width = seq_len + 1
-        self.windows = [(k, s.start + j * width) for k, s in enumerate(spans) for j in range(s.size // width)]
-        if not self.windows:
-            raise WorldLMError(f"a DP node's shards hold no window of {width} tokens; use a shorter model.seq_len")
-        self.width = width
-        self.sample_rate = min(1.0, batch_size / len(self.windows))
-        self.rng = np.random.default_rng(seed)
-
-    def next(self) -> tuple[Tensor, Tensor]:
-        """One Poisson sample: inputs (b, T) and targets (b, T), b ~ Binomial(N, q), possibly 0."""
-        picked = np.flatnonzero(self.rng.random(len(self.windows)) < self.sample_rate)
-        rows = [
-            np.asarray(self.streams[k][s : s + self.width], dtype=np.int64)
-            for k, s in (self.windows[i] for i in picked)
-        ]
-        batch = torch.from_numpy(np.stack(rows)) if rows else torch.zeros((0, self.width), dtype=torch.int64)
-        return batch[:, :-1], batch[:, 1:]
-
-    def state(self) -> dict[str, Any]:
-        return dict(self.rng.bit_generator.state)
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.rng.bit_generator.state = state
-
-
 def per_example_grads(model: nn.Module, x: Tensor, y: Tensor) -> tuple[dict[str, Tensor], Tensor]:
     """Each example's gradient of its own mean token loss ({name: [b, *shape]}) and its loss [b]."""
     params = {k: v.detach() for k, v in model.named_parameters()}
 
     def loss_one(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
-        return functional_call(model, p, (xi.unsqueeze(0), yi.unsqueeze(0)))
+        loss: Tensor = functional_call(model, p, (xi.unsqueeze(0), yi.unsqueeze(0)))
+        return loss
 
     with warnings.catch_warnings():  # CPU attention has no batching rule: a loop inside vmap, same numbers
         warnings.filterwarnings("ignore", message=".*batching rule.*")
