@@ -25,7 +25,7 @@ from worldlm.cli import main  # noqa: E402
 from worldlm.errors import WorldLMError  # noqa: E402
 from worldlm.federation.types import BYTES_PER_VALUE  # noqa: E402
 from worldlm.runners.flower import wire  # noqa: E402
-from worldlm.runners.flower.coordinator import Directory  # noqa: E402
+from worldlm.runners.flower.dispatch import Directory  # noqa: E402
 from worldlm.runners.flower.engines import InProcessGrid, make_client_app, run_inprocess  # noqa: E402
 from worldlm.runners.flower.node import NodeSide  # noqa: E402
 from worldlm.runners.local import run  # noqa: E402

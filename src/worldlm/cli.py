@@ -113,21 +113,19 @@ def _deploy_local(args: argparse.Namespace) -> int:
 
     cfg = C.load_config(args.config, args.set)
     require_flower()
-    from worldlm.runners.flower.deploy import deploy_local
+    from worldlm.runners.flower.deploy import DeployOptions, deploy_local
 
     out = _out_dir(args.out, cfg.name, args.force)
-    options = {
-        "timeout": args.node_timeout,
-        "connect_timeout": args.connect_timeout,
-        "restart_dead": args.restart_dead,
-        "keep_state": args.keep_state,
-        "gpus": _gpu_list(args.gpus),
-        "nested": args.nested,
-        "isolation": args.isolation,
-    }
-    return _show_run(
-        args, out, "Flower deployment engine", lambda progress: deploy_local(cfg, out, progress, **options)
+    opts = DeployOptions(
+        timeout=args.node_timeout,
+        connect_timeout=args.connect_timeout,
+        restart_dead=args.restart_dead,
+        keep_state=args.keep_state,
+        gpus=tuple(_gpu_list(args.gpus)),
+        nested=args.nested,
+        isolation=args.isolation,
     )
+    return _show_run(args, out, "Flower deployment engine", lambda progress: deploy_local(cfg, out, progress, opts))
 
 
 def _gpu_list(text: str | None) -> list[int]:
@@ -297,30 +295,34 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="worldlm", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+Subparsers = argparse._SubParsersAction  # what add_subparsers() returns
 
-    def common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
-        p.add_argument("config", nargs=None if config_required else "?", help="TOML config file")
-        p.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a config key, e.g. --set train.rounds=8 (repeatable)",
-        )
-        p.add_argument("--quiet", action="store_true", help="no progress display (CI)")
 
+def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
+    """The config file, --set overrides and --quiet, which most commands take."""
+    p.add_argument("config", nargs=None if config_required else "?", help="TOML config file")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.rounds=8 (repeatable)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress display (CI)")
+
+
+def _add_prepare(sub: Subparsers) -> None:
     p = sub.add_parser("prepare", help="build a prepared dataset (offline recipe or your own sources)")
-    common(p, config_required=False)
+    _common(p, config_required=False)
     p.add_argument("--recipe", choices=["languages", "domains"], help="offline corpus recipe")
     p.add_argument("--out", help="output directory (default: data/<recipe> or the config's data.path)")
     p.add_argument("--vocab-size", type=int, help="BPE vocabulary size with --recipe (default 4096)")
     p.set_defaults(func=_prepare)
 
+
+def _add_train(sub: Subparsers) -> None:
     p = sub.add_parser("train", help="train one method on the configured tree; writes runs/<name>/")
-    common(p)
+    _common(p)
     p.add_argument("--out", help="run directory (default: runs/<name>)")
     p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's newest valid checkpoint")
@@ -341,11 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events (log.tensorboard)")
     p.set_defaults(func=_train)
 
+
+def _add_deploy_local(sub: Subparsers) -> None:
     p = sub.add_parser(
         "deploy-local",
         help="run on Flower's deployment engine: a SuperLink and one SuperNode per tree node on 127.0.0.1",
     )
-    common(p)
+    _common(p)
     p.add_argument("--out", help="run directory (default: runs/<name>)")
     p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
     p.add_argument(
@@ -385,8 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_deploy_local)
 
+
+def _add_flower_app(sub: Subparsers) -> None:
     p = sub.add_parser("flower-app", help="write the Flower app and run config for a multi-host deployment")
-    common(p)
+    _common(p)
     p.add_argument("--out", required=True, help="directory for worldlm-app/ and run-config.toml")
     p.add_argument("--run-out", required=True, help="run directory on the SuperLink host (an absolute path there)")
     p.add_argument("--node-timeout", type=float, default=600.0, metavar="SECONDS", help="per-message timeout")
@@ -399,22 +405,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_flower_app)
 
+
+def _add_merge_federations(sub: Subparsers) -> None:
     p = sub.add_parser("merge-federations", help="join the parts of a nested run into one run directory")
-    common(p)
+    _common(p)
     p.add_argument("parts", nargs="+", help="each federation's part (its coordinator's --run-out/federations/<node>)")
     p.add_argument("--out", required=True, help="the run directory to write (summary.json, metrics.jsonl)")
     p.set_defaults(func=_merge_federations)
 
+
+def _add_compare(sub: Subparsers) -> None:
     p = sub.add_parser("compare", help="train several methods on the same tree and compare them")
-    common(p)
+    _common(p)
     p.add_argument("--methods", default="worldlm,fl", help="comma-separated methods (default: worldlm,fl)")
     p.add_argument("--out", help="directory for the runs and the comparison (default: runs/<name>)")
     p.add_argument("--force", action="store_true", help="overwrite an existing directory")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events (log.tensorboard)")
     p.set_defaults(func=_compare)
 
+
+def _add_experiment(sub: Subparsers) -> None:
     p = sub.add_parser("experiment", help="run a grid of methods × seeds × variants; writes results/<name>/report.md")
-    common(p)
+    _common(p)
     p.add_argument("--out-root", default="results", help="parent of the experiment directory (default: results)")
     p.add_argument(
         "--report-only", action="store_true", help="train nothing; rewrite the report from the runs complete so far"
@@ -425,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events (log.tensorboard)")
     p.set_defaults(func=_experiment)
 
+
+def _add_export(sub: Subparsers) -> None:
     p = sub.add_parser("export", help="write a run's node model as a Hugging Face Transformers (GPT-2) directory")
     p.add_argument("run", help="run directory (runs/<name>, or a compare/experiment run's directory)")
     p.add_argument("--node", help="the tree node whose model to export")
@@ -434,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no output")
     p.set_defaults(func=_export)
 
+
+def _add_generate(sub: Subparsers) -> None:
     p = sub.add_parser("generate", help="continue a prompt with a node's final model")
     p.add_argument("run", help="run directory")
     p.add_argument("--node", required=True, help="the tree node whose model writes (several: fr,it,uk)")
@@ -444,12 +460,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.set_defaults(func=_generate)
 
+
+def _add_gpu_check(sub: Subparsers) -> None:
     p = sub.add_parser("gpu-check", help="measure a CUDA GPU (throughput, MFU, WorldLM vs FL); CPU dry run without one")
     p.add_argument("--out", default="bench/gpu", help="output directory (default: bench/gpu)")
     p.add_argument("--dry-run", action="store_true", help="the CPU dry run (tiny preset, a few steps) into --out")
     p.add_argument("--quiet", action="store_true", help="no output")
     p.set_defaults(func=_gpu_check)
 
+
+def _add_bench(sub: Subparsers) -> None:
     p = sub.add_parser(
         "bench",
         help="measure training efficiency, federation overhead, aggregation cost and memory; writes bench/results.*",
@@ -461,6 +481,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--note", default="", help="a remark recorded with the results, e.g. 'machine busy'")
     p.add_argument("--quiet", action="store_true", help="no output")
     p.set_defaults(func=_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="worldlm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_prepare(sub)
+    _add_train(sub)
+    _add_deploy_local(sub)
+    _add_flower_app(sub)
+    _add_merge_federations(sub)
+    _add_compare(sub)
+    _add_experiment(sub)
+    _add_export(sub)
+    _add_generate(sub)
+    _add_gpu_check(sub)
+    _add_bench(sub)
     return parser
 
 

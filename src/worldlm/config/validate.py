@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Collection
 
 from worldlm.config.resolve import HIERARCHY_METHODS, dp_nodes, dp_settings
 from worldlm.config.schema import (
@@ -32,17 +33,34 @@ def _check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _choice(value: str, valid: Collection[str], key: str) -> None:
+    """`key` must name one of `valid` (the closest one suggested)."""
+    _check(value in valid, f"{key} {quoted(value)} is unknown{suggest(value, valid)}")
+
+
 def validate(cfg: Config) -> None:
     """Range and consistency checks that types alone cannot express (the tree is checked in tree.py)."""
-    _check(cfg.method in METHODS, f"method {quoted(cfg.method)} is unknown{suggest(cfg.method, METHODS)}")
+    _choice(cfg.method, METHODS, "method")
     _check(
         bool(cfg.name) and "/" not in cfg.name,
         f"name must be a non-empty string without '/', got {quoted(cfg.name)}",
     )
+    _validate_model(cfg)
+    _validate_train(cfg)
+    _validate_federation(cfg)
+    _validate_eval(cfg)
+    _check(cfg.checkpoint.every >= 1 and cfg.checkpoint.keep >= 1, "checkpoint.every and checkpoint.keep must be >= 1")
+    _validate_data(cfg)
     _check(
-        cfg.model.preset in PRESETS,
-        f"model.preset {quoted(cfg.model.preset)} is unknown{suggest(cfg.model.preset, PRESETS)}",
+        len(cfg.tree.nodes) >= 1,
+        "tree.nodes is empty; describe at least one node ([[tree.nodes]] name = ...)",
     )
+    _validate_dp(cfg)
+    _validate_attack(cfg)
+
+
+def _validate_model(cfg: Config) -> None:
+    _choice(cfg.model.preset, PRESETS, "model.preset")
     _check(cfg.model.seq_len >= 8, f"model.seq_len must be >= 8, got {cfg.model.seq_len}")
     n_layer = PRESETS[cfg.model.preset].n_layer
     _check(
@@ -50,6 +68,9 @@ def validate(cfg: Config) -> None:
         f"model.key_blocks must be -1 (auto) or in [0, {n_layer - 1}] for preset {cfg.model.preset}, "
         f"got {cfg.model.key_blocks}",
     )
+
+
+def _validate_train(cfg: Config) -> None:
     t = cfg.train
     for name in ("rounds", "local_steps", "batch_size"):
         _check(getattr(t, name) >= 1, f"train.{name} must be >= 1, got {getattr(t, name)}")
@@ -66,55 +87,48 @@ def validate(cfg: Config) -> None:
         re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
         f"train.device {quoted(t.device)} is unknown; use auto, cpu, cuda or cuda:N",
     )
-    _check(
-        t.precision in PRECISIONS,
-        f"train.precision {quoted(t.precision)} is unknown{suggest(t.precision, PRECISIONS)}",
-    )
+    _choice(t.precision, PRECISIONS, "train.precision")
     _check(
         t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0,
         f"train.grad_accum = {t.grad_accum} must be >= 1 and divide train.batch_size = {t.batch_size}",
     )
+
+
+def _validate_federation(cfg: Config) -> None:
     f = cfg.federation
     _check(f.nu >= 0, f"federation.nu must be >= 0, got {f.nu}")
     _check(f.sub_rounds >= 1, f"federation.sub_rounds must be >= 1, got {f.sub_rounds}")
-    _check(
-        f.schedule in SCHEDULES, f"federation.schedule {quoted(f.schedule)} is unknown{suggest(f.schedule, SCHEDULES)}"
-    )
-    _check(
-        f.fl_round in FL_ROUNDS, f"federation.fl_round {quoted(f.fl_round)} is unknown{suggest(f.fl_round, FL_ROUNDS)}"
-    )
+    _choice(f.schedule, SCHEDULES, "federation.schedule")
+    _choice(f.fl_round, FL_ROUNDS, "federation.fl_round")
     _check(
         f.schedule == "sequential" or f.sub_rounds == 1,
         "federation.schedule = 'parallel' runs every level in one window, so it needs federation.sub_rounds = 1",
     )
-    _check(
-        f.similarity in SIMILARITIES,
-        f"federation.similarity {quoted(f.similarity)} is unknown{suggest(f.similarity, SIMILARITIES)}",
-    )
+    _choice(f.similarity, SIMILARITIES, "federation.similarity")
     _check(
         math.isfinite(f.temperature) and f.temperature > 0,
         f"federation.temperature must be a number > 0, got {f.temperature}",
     )
-    _check(
-        f.similarity_on in SIMILARITY_ON,
-        f"federation.similarity_on {quoted(f.similarity_on)} is unknown{suggest(f.similarity_on, SIMILARITY_ON)}",
-    )
+    _choice(f.similarity_on, SIMILARITY_ON, "federation.similarity_on")
     _check(0 <= f.outlier_weight <= 1, f"federation.outlier_weight must be in [0, 1], got {f.outlier_weight}")
     _check(f.outlier_rounds >= 1, f"federation.outlier_rounds must be >= 1, got {f.outlier_rounds}")
     _check(
         f.offload_states in (False, True, "host"),
         f'federation.offload_states must be false, true (disk) or "host", got {f.offload_states!r}',
     )
+
+
+def _validate_eval(cfg: Config) -> None:
+    e = cfg.eval
+    _choice(e.model, EVAL_MODELS, "eval.model")
     _check(
-        cfg.eval.model in EVAL_MODELS,
-        f"eval.model {quoted(cfg.eval.model)} is unknown{suggest(cfg.eval.model, EVAL_MODELS)}",
+        -1 <= e.trace_round < cfg.train.rounds,
+        f"eval.trace_round must be -1 (off) or a round index in [0, {cfg.train.rounds - 1}], got {e.trace_round}",
     )
-    _check(
-        -1 <= cfg.eval.trace_round < t.rounds,
-        f"eval.trace_round must be -1 (off) or a round index in [0, {t.rounds - 1}], got {cfg.eval.trace_round}",
-    )
-    _check(cfg.eval.batches >= 1 and cfg.eval.batch_size >= 1, "eval.batches and eval.batch_size must be >= 1")
-    _check(cfg.checkpoint.every >= 1 and cfg.checkpoint.keep >= 1, "checkpoint.every and checkpoint.keep must be >= 1")
+    _check(e.batches >= 1 and e.batch_size >= 1, "eval.batches and eval.batch_size must be >= 1")
+
+
+def _validate_data(cfg: Config) -> None:
     d = cfg.data
     _check(d.leaf_shards >= 1 and d.inner_shards >= 1, "data.leaf_shards and data.inner_shards must be >= 1")
     _check(d.max_train_tokens >= 0, f"data.max_train_tokens must be >= 0 (0: no cap), got {d.max_train_tokens}")
@@ -129,16 +143,10 @@ def validate(cfg: Config) -> None:
             f"data.sources.{src_name}.format must be one of {', '.join(SOURCE_FORMATS)}",
         )
         _check(bool(src.path), f"data.sources.{src_name}.path is empty; give the file or folder holding its text")
-    _check(
-        len(cfg.tree.nodes) >= 1,
-        "tree.nodes is empty; describe at least one node ([[tree.nodes]] name = ...)",
-    )
-    _validate_dp(cfg)
-    _validate_attack(cfg)
 
 
 def _validate_dp(cfg: Config) -> None:
-    """[dp] ranges and the DP node names (DESIGN §2 "Differential privacy")."""
+    """[dp] ranges and the DP node names (node-level DP: paper §4.2; record-level: DP-SGD)."""
     dp = cfg.dp
     try:  # the node-level mechanism's settings, checked by the privacy code that owns them
         dp_settings(cfg)
@@ -147,7 +155,7 @@ def _validate_dp(cfg: Config) -> None:
     names = [n.name for n in cfg.tree.nodes]
     for name in dp.nodes:
         _check(name in names, f"dp.nodes names {quoted(name)}, which is not a tree node{suggest(name, names)}")
-    _check(dp.unit in DP_UNITS, f"dp.unit {quoted(dp.unit)} is unknown{suggest(dp.unit, DP_UNITS)}")
+    _choice(dp.unit, DP_UNITS, "dp.unit")
     if dp.noise == "central" and cfg.method in HIERARCHY_METHODS:
         inner = sorted(
             n.name for n in cfg.tree.nodes if n.name in dp_nodes(cfg) and n.name in {m.parent for m in cfg.tree.nodes}
@@ -170,7 +178,7 @@ def _validate_dp(cfg: Config) -> None:
 
 def _validate_attack(cfg: Config) -> None:
     a = cfg.attack
-    _check(a.kind in ATTACKS, f"attack.kind {quoted(a.kind)} is unknown{suggest(a.kind, ATTACKS)}")
+    _choice(a.kind, ATTACKS, "attack.kind")
     _check(math.isfinite(a.scale), f"attack.scale must be a finite number, got {a.scale}")
     names = [n.name for n in cfg.tree.nodes]
     for name in a.nodes:

@@ -15,6 +15,7 @@ Baselines are configurations of this same round:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
@@ -114,19 +115,40 @@ def run_round(
     its children (who receive that same model) in the same sequential window, and its trained state
     joins their updates in its aggregation.
     """
+    walk = _RoundWalk(tree, states, split, opts, round_idx, trainer, emit, privacy, release, phase, observe)
     start = round_idx * sequential_span(tree, tree.root, opts)
-    received: dict[str, Tensor] = {}  # DP nodes: the parent state they got this visit (the DP reference)
+    observe("start", tree.root, start, states[tree.root].params)
+    walk.visit(tree.root, start)
 
-    def visit(q: str, step: int) -> Update | None:
-        st = states[q]
-        children = list(tree[q].children)
+
+@dataclass
+class _RoundWalk:
+    """One global round's depth-first walk of the tree (`run_round`'s arguments, and the DP references)."""
+
+    tree: Tree
+    states: Mapping[str, NodeState]
+    split: Split
+    opts: FedOptions
+    rnd: int
+    trainer: NodeTrainer
+    emit: Emit
+    privacy: Privatizer | None
+    release: Callable[[str], None]
+    phase: PhaseFn
+    observe: Observe
+    received: dict[str, Tensor] = field(default_factory=dict)  # DP nodes: the parent state they got this visit
+
+    def visit(self, q: str, step: int) -> Update | None:
+        """q's visit from global sequential step `step`: its T_q sub-rounds; returns what q sends its parent."""
+        st, opts = self.states[q], self.opts
+        children = list(self.tree[q].children)
         outbox: list[Residual] = []  # residuals this subtree sends up
         for _ in range(opts.sub_rounds if children else 1):  # T_q sub-rounds per parent visit
             own: Tensor | None = None  # parallel schedule: q's trained state, a member of its own aggregation
-            start_visit(st, split, opts)
+            start_visit(st, self.split, opts)
             if opts.local_steps[q] > 0:  # 4.i: local training with ClientOpt on the global clock
-                trained = trainer.train(q, st.params, step, opts.local_steps[q])
-                observe("trained", q, step + opts.local_steps[q], trained)
+                trained = self.trainer.train(q, st.params, step, opts.local_steps[q])
+                self.observe("trained", q, step + opts.local_steps[q], trained)
                 keep_trained(st, trained, bool(children), opts)
                 if opts.parallel and children:
                     own = trained
@@ -137,73 +159,90 @@ def run_round(
             window = step  # where the children start: after q's training, or beside it in the parallel schedule
             if not opts.parallel:
                 window += opts.local_steps[q]
-            with phase("routing"):
-                routed = _route_down(q, st, children, round_idx)  # 4.ii–iii
-            updates: list[Update] = []
-            senders: list[str] = []  # children whose update arrived (all of them without DP budgets)
-            for c in children:  # notionally in parallel: every child sees the same parent state
-                _send_down(q, c, routed.get(c, []), round_idx)
-                if split.key_blocks:  # without key layers (FL, HierFAVG) c holds q's model unchanged: q's point
-                    observe("received", c, window, states[c].params)
-                update = visit(c, window)
-                if update is None:  # a DP child whose ε budget is spent sends nothing (§4.2 accounting)
-                    emit(withheld_event(round_idx, c, q))
-                    continue
-                updates.append(update)
-                senders.append(c)
-                up = message_numel(split, opts, update.residuals)
-                emit(edge_event(round_idx, c, q, up * BYTES_PER_VALUE))
-            below = max(sequential_span(tree, c, opts) for c in children)
+            updates, senders = self._children(q, children, window)
+            below = max(sequential_span(self.tree, c, opts) for c in children)
             step = max(step + opts.local_steps[q], window + below)
             if not updates:  # every child withheld: nothing to aggregate this sub-round (q keeps its own training)
                 st.params = own if own is not None else st.params
                 continue
-            assert st.server_opt is not None, f"inner node {q} has no server optimizer"
-            if privacy is not None:  # dp.noise = "central": q noises its DP children's sum (§4.2 variant)
-                with phase("privacy"):
-                    updates = privacy.combine(q, senders, updates, st.params, split, uses_keys(split, opts))
-            with phase("aggregation"):
-                picked, weights, to_parent, outliers = aggregate_step(
-                    st, updates, senders, q == tree.root, split, opts, own
-                )  # 4.iv
-            observe("aggregated", q, step, st.params)
-            if weights is not None:
-                emit(children_attention_event(round_idx, q, senders, weights))
-            for child, w, n in outliers:
-                emit(outlier_event(round_idx, q, child, w, n, opts, len(senders)))
-            for r in picked:
-                emit(pick_event(round_idx, q, r))
-            outbox.extend(to_parent)
-        with phase("serialisation"):
+            outbox.extend(self._aggregate(q, st, updates, senders, own, step))
+        return self._send_up(q, st, outbox)
+
+    def _children(self, q: str, children: list[str], window: int) -> tuple[list[Update], list[str]]:
+        """4.ii–iii routing, then each child's visit from q's model: the updates that arrived and their senders
+        (all children without DP budgets)."""
+        with self.phase("routing"):
+            routed = self._route_down(q, children)  # 4.ii–iii
+        updates: list[Update] = []
+        senders: list[str] = []
+        for c in children:  # notionally in parallel: every child sees the same parent state
+            self._send_down(q, c, routed.get(c, []))
+            if self.split.key_blocks:  # without key layers (FL, HierFAVG) c holds q's model unchanged: q's point
+                self.observe("received", c, window, self.states[c].params)
+            update = self.visit(c, window)
+            if update is None:  # a DP child whose ε budget is spent sends nothing (§4.2 accounting)
+                self.emit(withheld_event(self.rnd, c, q))
+                continue
+            updates.append(update)
+            senders.append(c)
+            up = message_numel(self.split, self.opts, update.residuals)
+            self.emit(edge_event(self.rnd, c, q, up * BYTES_PER_VALUE))
+        return updates, senders
+
+    def _aggregate(
+        self, q: str, st: NodeState, updates: list[Update], senders: list[str], own: Tensor | None, step: int
+    ) -> list[Residual]:
+        """4.iv at q over its children's updates (central DP noise first); returns the residuals q sends up."""
+        assert st.server_opt is not None, f"inner node {q} has no server optimizer"
+        if self.privacy is not None:  # dp.noise = "central": q noises its DP children's sum (§4.2 variant)
+            with self.phase("privacy"):
+                share = uses_keys(self.split, self.opts)
+                updates = self.privacy.combine(q, senders, updates, st.params, self.split, share)
+        with self.phase("aggregation"):
+            picked, weights, to_parent, outliers = aggregate_step(
+                st, updates, senders, q == self.tree.root, self.split, self.opts, own
+            )  # 4.iv
+        self.observe("aggregated", q, step, st.params)
+        if weights is not None:
+            self.emit(children_attention_event(self.rnd, q, senders, weights))
+        for child, w, n in outliers:
+            self.emit(outlier_event(self.rnd, q, child, w, n, self.opts, len(senders)))
+        for r in picked:
+            self.emit(pick_event(self.rnd, q, r))
+        return to_parent
+
+    def _send_up(self, q: str, st: NodeState, outbox: list[Residual]) -> Update | None:
+        """What q sends its parent: its state and residuals, privatised when q is a DP node (DPFedAvg, §4.2)."""
+        with self.phase("serialisation"):
             message = Update(st.params.clone(), outbox)
         sent: Update | None = message
-        if privacy is not None and q in received:  # DPFedAvg: what leaves a DP node is privatised (§4.2)
-            with phase("privacy"):
-                sent = privacy.release(q, message, received.pop(q), split, uses_keys(split, opts))
-        release(q)
+        if self.privacy is not None and q in self.received:
+            with self.phase("privacy"):
+                share = uses_keys(self.split, self.opts)
+                sent = self.privacy.release(q, message, self.received.pop(q), self.split, share)
+        self.release(q)
         return sent
 
-    def _send_down(q: str, c: str, routed: list[Residual], rnd: int) -> None:
-        parent_params = states[q].params
-        if privacy is not None and privacy.applies(c):
-            received[c] = parent_params.clone()  # the DP reference: release = this + privatised difference
-        with phase("aggregation"):
-            weights, used = accept_from_parent(states[c], parent_params, routed, tree.is_leaf(c), split, opts)  # 2–3
-        down = message_numel(split, opts, routed)
-        emit(edge_event(rnd, q, c, down * BYTES_PER_VALUE))
+    def _send_down(self, q: str, c: str, routed: list[Residual]) -> None:
+        parent_params = self.states[q].params
+        if self.privacy is not None and self.privacy.applies(c):
+            self.received[c] = parent_params.clone()  # the DP reference: release = this + privatised difference
+        with self.phase("aggregation"):
+            weights, used = accept_from_parent(
+                self.states[c], parent_params, routed, self.tree.is_leaf(c), self.split, self.opts
+            )  # 2–3
+        down = message_numel(self.split, self.opts, routed)
+        self.emit(edge_event(self.rnd, q, c, down * BYTES_PER_VALUE))
         if weights is not None:
-            emit(parent_attention_event(rnd, c, q, used, weights))
+            self.emit(parent_attention_event(self.rnd, c, q, used, weights))
 
-    def _route_down(q: str, st: NodeState, children: list[str], rnd: int) -> dict[str, list[Residual]]:
+    def _route_down(self, q: str, children: list[str]) -> dict[str, list[Residual]]:
         routed: dict[str, list[Residual]] = {}  # the children queue them when the parent's model arrives
-        for r, target, sim in route_pending(st, children, tree, split, opts):
-            emit(route_event(rnd, q, r, target, sim))
+        for r, target, sim in route_pending(self.states[q], children, self.tree, self.split, self.opts):
+            self.emit(route_event(self.rnd, q, r, target, sim))
             if target is not None:
                 routed.setdefault(target, []).append(r)
         return routed
-
-    observe("start", tree.root, start, states[tree.root].params)
-    visit(tree.root, start)
 
 
 def deployed_models(

@@ -52,7 +52,7 @@ from worldlm.runners.records import (
     trace_record,
     train_record,
 )
-from worldlm.runners.resume import Interrupted, drop_rounds_from, graceful_stop, truncate_lines
+from worldlm.runners.resume import Interrupted, StopFlag, drop_rounds_from, graceful_stop, truncate_lines
 from worldlm.runners.state_store import DiskStates, HostStates, NodeStates, encode_state, load_state
 from worldlm.runners.trainer import LocalTrainer
 from worldlm.timing import PhaseTimer, round_record
@@ -284,82 +284,27 @@ class LocalRun:
         "evaluation" and "checkpoint"), go to `timing.jsonl` and `round_seconds`; `other` is the
         time in no phase (metrics, progress).
         """
-        ckpt_root = self.out / "checkpoints"
         if resume:
-            saved = self.out / "config.toml"
-            if not C.same_config(saved, self.cfg):
-                raise WorldLMError(
-                    f"{saved} differs from this config (or is missing); resume with the same config and --set "
-                    "options, or start a new run directory"
-                )
-            try:
-                lines = self.restore(load_latest(ckpt_root, warn))
-                truncate_lines(self.out / "metrics.jsonl", lines)
-            except CannotResume:
-                raise
-            except (WorldLMError, OSError, KeyError, ValueError, TypeError) as exc:  # checkpoint and files disagree
-                raise CannotResume(f"cannot resume {self.out} ({exc}); start the run again without --resume") from exc
-            drop_rounds_from(self.out / "timing.jsonl", self.round)
+            self._resume(warn)
         else:
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out / "config.toml", C.dumps(self.cfg))
-            (self.out / "metrics.jsonl").unlink(missing_ok=True)
-            (self.out / "timing.jsonl").unlink(missing_ok=True)
+            self._start_fresh()
         self.metrics = metrics_writer(self.out / "metrics.jsonl", self.cfg.log.tensorboard)
         timing = JsonlWriter(self.out / "timing.jsonl")
+        per_round = steps_per_round(self.feds)
         self.progress(
             {
                 "kind": "start",
                 "method": self.cfg.method,
-                "total_steps": steps_per_round(self.feds) * self.rounds,
-                "done_steps": steps_per_round(self.feds) * self.round,
+                "total_steps": per_round * self.rounds,
+                "done_steps": per_round * self.round,
                 "rounds": self.rounds,
             }
         )
-        phase = self.timer.phase
         try:
             with graceful_stop() as stop:
                 while self.round < self.rounds:
-                    rnd = self.round
-                    t0 = time.perf_counter()
-                    self.timer.take()  # a round's phases only
-                    self.round_losses = []
-                    self.tracing = rnd // self.stages == self.cfg.eval.trace_round
-                    for i, fed in enumerate(self.feds):
-                        privacy = self.privacy.get(i)
-                        run_round(
-                            fed.tree,
-                            fed.states,
-                            fed.split,
-                            fed.opts,
-                            rnd,
-                            self.trainer,
-                            self._emit,
-                            privacy,
-                            fed.states.release,
-                            phase,
-                            self._observe,
-                        )
-                        if privacy is not None:
-                            with phase("privacy"):
-                                self._end_privacy_round(privacy, rnd)
-                    for name, dp_sgd in self.trainer.private.items():  # record-level DP: epsilon so far
-                        self._write(record_dp_record(rnd, name, dp_sgd, self.cfg.dp.delta))
-                    diverged = all_diverged(self.round_losses)
-                    if self.cfg.eval.every_round or diverged or rnd == self.rounds - 1:
-                        with phase("evaluation"):
-                            self.val = self.evaluate_all("val", rnd)
-                    self.round += 1
-                    if not diverged and (self.round % self.cfg.checkpoint.every == 0 or stop.requested):
-                        with phase("checkpoint"):
-                            self.metrics.sync()  # the records a checkpoint counts are on disk before it is
-                            save_checkpoint(ckpt_root, self.snapshot(), self.cfg.checkpoint.keep)
-                    self.round_seconds.append(round_record(rnd, time.perf_counter() - t0, self.timer.take()))
-                    timing.write(self.round_seconds[-1])
+                    diverged = self._round(stop, timing)
                     if diverged:
-                        self.diverged_round = rnd
-                        self._write({"event": "diverged", "round": rnd})
-                        print(f"worldlm: {diverged_message(rnd, self.rounds)}", file=sys.stderr)
                         break
                     if stop.requested and self.round < self.rounds:
                         raise Interrupted(
@@ -382,6 +327,74 @@ class LocalRun:
         summary = self._summary(test, fine_tuned)
         atomic_write_json(self.out / "summary.json", summary)
         return summary
+
+    def _start_fresh(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "config.toml", C.dumps(self.cfg))
+        (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        (self.out / "timing.jsonl").unlink(missing_ok=True)
+
+    def _resume(self, warn: Callable[[str], None]) -> None:
+        """Restore the newest valid checkpoint and trim the records written after it."""
+        saved = self.out / "config.toml"
+        if not C.same_config(saved, self.cfg):
+            raise WorldLMError(
+                f"{saved} differs from this config (or is missing); resume with the same config and --set "
+                "options, or start a new run directory"
+            )
+        try:
+            lines = self.restore(load_latest(self.out / "checkpoints", warn))
+            truncate_lines(self.out / "metrics.jsonl", lines)
+        except CannotResume:
+            raise
+        except (WorldLMError, OSError, KeyError, ValueError, TypeError) as exc:  # checkpoint and files disagree
+            raise CannotResume(f"cannot resume {self.out} ({exc}); start the run again without --resume") from exc
+        drop_rounds_from(self.out / "timing.jsonl", self.round)
+
+    def _round(self, stop: StopFlag, timing: JsonlWriter) -> bool:
+        """One global round of every engine run, its validation and checkpoint (also when `stop` was requested
+        during it); returns whether it diverged."""
+        rnd, phase = self.round, self.timer.phase
+        t0 = time.perf_counter()
+        self.timer.take()  # a round's phases only
+        self.round_losses = []
+        self.tracing = rnd // self.stages == self.cfg.eval.trace_round
+        for i, fed in enumerate(self.feds):
+            privacy = self.privacy.get(i)
+            run_round(
+                fed.tree,
+                fed.states,
+                fed.split,
+                fed.opts,
+                rnd,
+                self.trainer,
+                self._emit,
+                privacy,
+                fed.states.release,
+                phase,
+                self._observe,
+            )
+            if privacy is not None:
+                with phase("privacy"):
+                    self._end_privacy_round(privacy, rnd)
+        for name, dp_sgd in self.trainer.private.items():  # record-level DP: epsilon so far
+            self._write(record_dp_record(rnd, name, dp_sgd, self.cfg.dp.delta))
+        diverged = all_diverged(self.round_losses)
+        if self.cfg.eval.every_round or diverged or rnd == self.rounds - 1:
+            with phase("evaluation"):
+                self.val = self.evaluate_all("val", rnd)
+        self.round += 1
+        if not diverged and (self.round % self.cfg.checkpoint.every == 0 or stop.requested):
+            with phase("checkpoint"):
+                self.metrics.sync()  # the records a checkpoint counts are on disk before it is
+                save_checkpoint(self.out / "checkpoints", self.snapshot(), self.cfg.checkpoint.keep)
+        self.round_seconds.append(round_record(rnd, time.perf_counter() - t0, self.timer.take()))
+        timing.write(self.round_seconds[-1])
+        if diverged:
+            self.diverged_round = rnd
+            self._write({"event": "diverged", "round": rnd})
+            print(f"worldlm: {diverged_message(rnd, self.rounds)}", file=sys.stderr)
+        return diverged
 
     def _save_models(self) -> None:
         for user_node, params in self.user_models(self.eval_mode):  # what the method delivers to each node

@@ -35,7 +35,7 @@ from worldlm.training.loop import ClientOptConfig, Schedule
 
 
 @dataclass
-class Federation:
+class EngineRun:
     """One engine run: a tree, its node data, options; `evaluates` maps user nodes to engine nodes."""
 
     tree: Tree
@@ -51,7 +51,7 @@ def tree_from_config(cfg: C.Config) -> Tree:
     return build_tree([NodeSpec(n.name, n.parent, tuple(n.sources), n.name in dp) for n in cfg.tree.nodes])
 
 
-def make_privacy(cfg: C.Config, fed: Federation) -> Privacy | None:
+def make_privacy(cfg: C.Config, fed: EngineRun) -> Privacy | None:
     """The node-level DP state of one federation: its nodes flagged dp that have a parent to privatise
     against (§4.2); None under dp.unit = "record" (DP-SGD at the nodes instead, `make_record_dp`)."""
     if cfg.dp.unit == "record":
@@ -64,7 +64,7 @@ def make_privacy(cfg: C.Config, fed: Federation) -> Privacy | None:
     return Privacy(settings, parents, seeds, {p: node_seed(cfg.seed, f"dp-central/{p}") for p in set(parents.values())})
 
 
-def make_record_dp(cfg: C.Config, fed: Federation, name: str, sampler: PoissonWindows, rounds: int) -> RecordDP:
+def make_record_dp(cfg: C.Config, fed: EngineRun, name: str, sampler: PoissonWindows, rounds: int) -> RecordDP:
     """A record-level DP node's DP-SGD state, its noise calibrated over its planned steps of the whole run."""
     steps = fed.opts.local_steps[name] * trainings_per_round(fed.tree, name, fed.opts) * rounds
     sigma = calibrate(cfg.dp.target_epsilon, cfg.dp.delta, sampler.sample_rate, steps)
@@ -73,7 +73,7 @@ def make_record_dp(cfg: C.Config, fed: Federation, name: str, sampler: PoissonWi
     return RecordDP(sigma, sampler.sample_rate, n, cfg.dp.max_grad_norm, seed, cfg.dp.delta, cfg.dp.epsilon_budget)
 
 
-def server_opt_for(cfg: C.Config, fed: Federation, name: str) -> ServerOpt | None:
+def server_opt_for(cfg: C.Config, fed: EngineRun, name: str) -> ServerOpt | None:
     """A fresh server optimizer for an inner node (its own settings, else federation.server_opt); None for a leaf."""
     if not fed.tree[name].children:
         return None
@@ -106,17 +106,17 @@ def engine_rounds(cfg: C.Config, tree: Tree) -> int:
     return cfg.train.rounds * stages_per_round(cfg, tree)
 
 
-def steps_per_round(feds: list[Federation]) -> int:
+def steps_per_round(feds: list[EngineRun]) -> int:
     """Training steps of all nodes in one engine round (each node's local steps times its visits)."""
     return sum(f.opts.local_steps[n] * trainings_per_round(f.tree, n, f.opts) for f in feds for n in f.tree.order)
 
 
-def train_tokens(cfg: C.Config, feds: list[Federation], rounds: int) -> int:
+def train_tokens(cfg: C.Config, feds: list[EngineRun], rounds: int) -> int:
     """Training tokens of all nodes together over `rounds` engine rounds: a run's compute (summary.json)."""
     return steps_per_round(feds) * rounds * cfg.train.batch_size * cfg.model.seq_len
 
 
-def plan(cfg: C.Config, tree: Tree, spans: dict[str, list[Span]], layout: ParamLayout) -> list[Federation]:
+def plan(cfg: C.Config, tree: Tree, spans: dict[str, list[Span]], layout: ParamLayout) -> list[EngineRun]:
     """The method as engine configurations, all at equal sequential steps per global round (paper §4.2, A.1.2).
 
     A global round is depth × local_steps sequential steps (the hierarchy's sequential schedule, T_q = 1);
@@ -155,21 +155,21 @@ def plan(cfg: C.Config, tree: Tree, spans: dict[str, list[Span]], layout: ParamL
             parallel=fed.schedule == "parallel",
             keep_trained=C.scores_fine_tuned(cfg),  # HierFAVG + ft: inner nodes too, after their last steps
         )
-        return [Federation(tree, spans, o, split, {n: n for n in names}, MemoryStates())]
+        return [EngineRun(tree, spans, o, split, {n: n for n in names}, MemoryStates())]
     if cfg.method == "fl":
         flat = flat_tree(tree)
         client_steps = per_round // stages_per_round(cfg, tree)  # A.1.2: local_steps per FL round by default
         steps = {n: (0 if n == flat.root else client_steps) for n in flat.order}
-        return [Federation(flat, spans, opts(steps), no_keys, {n: n for n in names}, MemoryStates())]
+        return [EngineRun(flat, spans, opts(steps), no_keys, {n: n for n in names}, MemoryStates())]
     if cfg.method == "centralized":
         pooled = [sp for n in names for sp in spans[n]]
         single = _single("centralized", pooled)
         o = opts({"centralized": per_round})
         evaluates = {n: "centralized" for n in names}
-        return [Federation(single, {"centralized": pooled}, o, no_keys, evaluates, MemoryStates())]
+        return [EngineRun(single, {"centralized": pooled}, o, no_keys, evaluates, MemoryStates())]
     # local: every node alone on its own data for the same sequential steps
     return [
-        Federation(_single(n, spans[n]), {n: spans[n]}, opts({n: per_round}), no_keys, {n: n}, MemoryStates())
+        EngineRun(_single(n, spans[n]), {n: spans[n]}, opts({n: per_round}), no_keys, {n: n}, MemoryStates())
         for n in names
     ]
 
@@ -177,7 +177,7 @@ def plan(cfg: C.Config, tree: Tree, spans: dict[str, list[Span]], layout: ParamL
 FINE_TUNED = "fine_tuned"  # the evaluation of "+ local fine-tuning" (beside eval.model's modes)
 
 
-def personal_models(fed: Federation, which: str) -> Iterator[tuple[str, Tensor]]:
+def personal_models(fed: EngineRun, which: str) -> Iterator[tuple[str, Tensor]]:
     """Each engine node's personalised model (see eval.model in config.py), one node at a time; `which` =
     "fine_tuned": its model after its last local training ("+ local fine-tuning")."""
     if which == "deployed":
@@ -188,7 +188,7 @@ def personal_models(fed: Federation, which: str) -> Iterator[tuple[str, Tensor]]
             yield name, fine_tuned_model(st) if which == FINE_TUNED else st.params
 
 
-def initial_state(cfg: C.Config, fed: Federation, name: str, init: Tensor) -> NodeState:
+def initial_state(cfg: C.Config, fed: EngineRun, name: str, init: Tensor) -> NodeState:
     """A node's federation state before round 0 (every runner): the initial model, its server optimizer,
     and, on an inner node, its children's key layers as it knows them (the initial model's)."""
     st = NodeState(params=init.clone(), server_opt=server_opt_for(cfg, fed, name))
@@ -206,7 +206,7 @@ def record_dp_nodes(cfg: C.Config) -> set[str]:
     return C.dp_nodes(cfg) if cfg.dp.unit == "record" and cfg.method != "centralized" else set()
 
 
-def node_sampler(cfg: C.Config, data: Prepared, fed: Federation, name: str) -> BatchSampler | PoissonWindows:
+def node_sampler(cfg: C.Config, data: Prepared, fed: EngineRun, name: str) -> BatchSampler | PoissonWindows:
     """A training node's batches: its shards, seeded by the run seed and its name (the same in every runner);
     random tokens for a node under attack.kind = "random_tokens"; Poisson samples of its windows for a
     record-level DP node."""
@@ -218,7 +218,7 @@ def node_sampler(cfg: C.Config, data: Prepared, fed: Federation, name: str) -> B
 
 
 def training_node(
-    cfg: C.Config, data: Prepared, fed: Federation, name: str, rounds: int
+    cfg: C.Config, data: Prepared, fed: EngineRun, name: str, rounds: int
 ) -> tuple[BatchSampler | PoissonWindows, float, RecordDP | None]:
     """What a runner's trainer needs for a training node (LocalTrainer.add_node's arguments, every runner):
     its sampler, its update scale (attack.scale) and, for a record-level DP node, its DP-SGD state."""
@@ -240,7 +240,7 @@ class RunSetup:
     spans: dict[str, list[Span]]
     model: GPT  # the same initial weights everywhere: seeded from cfg.seed just before it is built
     layout: ParamLayout
-    feds: list[Federation]
+    feds: list[EngineRun]
     rounds: int  # engine rounds (see engine_rounds)
     per_round: int  # sequential steps of one engine round
     schedule: Schedule  # one LR clock over all sequential steps (DESIGN §2)

@@ -21,14 +21,16 @@ class Interrupted(WorldLMError):
     exit_code = 130
 
 
-class _StopFlag:
+class StopFlag:
+    """Set by the first SIGINT/SIGTERM: the runner checkpoints at the end of the round and stops."""
+
     requested = False
 
 
 @contextlib.contextmanager
-def graceful_stop() -> Iterator[_StopFlag]:
+def graceful_stop() -> Iterator[StopFlag]:
     """First SIGINT/SIGTERM: finish the round and checkpoint. A second one stops at once."""
-    flag = _StopFlag()
+    flag = StopFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return

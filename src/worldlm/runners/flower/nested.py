@@ -43,10 +43,9 @@ from worldlm.runners.flower.coordinator import (
     RUN_FACTS,
     Coordinator,
     Evaluation,
-    LogFn,
-    _stderr,
     federated_summary,
 )
+from worldlm.runners.flower.dispatch import LogFn, stderr_log
 from worldlm.runners.metrics_log import metrics_writer
 from worldlm.runners.planning import tree_from_config
 
@@ -77,7 +76,7 @@ class RegionCoordinator(Coordinator):
         scope: str,
         timeout: float = 600.0,
         connect_timeout: float = 300.0,
-        log: LogFn = _stderr,
+        log: LogFn = stderr_log,
         rejoin: bool = False,
     ) -> None:
         super().__init__(grid, cfg, out, timeout, connect_timeout, None, log, scope=scope, rejoin=rejoin)

@@ -58,7 +58,7 @@ from worldlm.runners.checkpoint import Part
 from worldlm.runners.flower import wire
 from worldlm.runners.planning import (
     FINE_TUNED,
-    Federation,
+    EngineRun,
     initial_state,
     make_privacy,
     server_opt_for,
@@ -124,7 +124,7 @@ def config_from_text(text: str) -> C.Config:
 class Hosted:
     """One engine node on this SuperNode and its federation-side private state."""
 
-    fed: Federation
+    fed: EngineRun
     name: str
     state: NodeState
     outbox: list[Residual] = field(default_factory=list)  # residuals for the parent, over this visit's sub-rounds
@@ -159,7 +159,7 @@ class NodeSide:
         self.schedule, self.client, self.rounds = setup.schedule, setup.client, setup.rounds
         self.compute, self.forward = setup.compute, setup.forward
         self.init = self.layout.flatten(self.model)
-        self.engine: dict[str, Federation] = {
+        self.engine: dict[str, EngineRun] = {
             n: fed for fed in self.feds for n in fed.tree.order if host_of(n, self.tree) == name
         }
         self.users: dict[str, list[str]] = {}  # engine node -> the tree nodes it is evaluated for
