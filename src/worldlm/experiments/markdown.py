@@ -1,4 +1,4 @@
-"""The experiment report's markdown (report.md): report.json rendered as tables (issues 5, 14, 15).
+"""The experiment report's markdown (report.md): report.json rendered as tables.
 
 Pure: takes the report dict that `experiment_report.write_report` builds and returns text; every number
 it prints is already in report.json.
@@ -197,7 +197,7 @@ def _targeted_md(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _attention_md(rows: list[dict[str, Any]]) -> list[str]:
-    """WorldLM's attention at each parent: how far each child's share is from uniform (issue 15)."""
+    """WorldLM's attention at each parent: how far each child's share is from uniform."""
     if not rows:
         return []
     lines = [

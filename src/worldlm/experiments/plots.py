@@ -76,7 +76,7 @@ def attention_heatmaps(
     title: str,
 ) -> None:
     """λ_self of each node's parent step (A.3.3 step 2) per round; the root's children λ (step 4.iv C); and
-    each child's share of its parent's attention per round (issue 15: how far from uniform 1/C)."""
+    each child's share of its parent's attention per round (how far from uniform 1/C)."""
     n_panels = 1 + (children is not None) + (len(edges) > 0)
     fig, axes = _grid(n_panels, 5.5, 0.5 * max(len(nodes), len(members), len(edges)) + 2.0)
     _heatmap(axes[0], self_weight, nodes, [str(r + 1) for r in rounds], ".3f")
@@ -130,7 +130,7 @@ TRACE_MARKS = {"start": "S", "received": "R", "trained": "T", "aggregated": "A"}
 
 
 def trace_plot(traces: dict[str, list[TracePoint]], path: Path, title: str) -> None:
-    """One round traced (issue 14): validation loss of the travelling model at the start, after each node took
+    """One round traced: validation loss of the travelling model at the start, after each node took
     its parent's model (steps 2-3), after each training and aggregation. A line follows the shared model (the
     root, or FL's server: the node that aggregates last); every other node's model is a labelled point."""
     fig, axes = _grid(1, 9.0, 5.0)

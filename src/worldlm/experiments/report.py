@@ -1,6 +1,6 @@
-"""The experiment report (issues 5, 14): report.json, report.md (rendered by `experiment_markdown`) and the plots.
+"""The experiment report: report.json, report.md (rendered by `experiments.markdown`) and the plots.
 
-The metric is personalised test perplexity (DESIGN §2): what each method delivers to a node, on that
+The metric is personalised test perplexity (docs/design.md, "The metric"): what each method delivers to a node, on that
 node's own test windows. Per (variant, method): the mean over nodes of each seed's run, averaged over
 seeds; the (population) std over nodes, averaged over seeds; the std over seeds of the per-seed means;
 and the ratio of the mean to WorldLM's in the same variant (the paper's "×" comparisons, Tables 1–3).
@@ -48,7 +48,7 @@ class RunData:
     routes: list[dict[str, Any]]
     trace: list[dict[str, Any]]  # eval.trace_round records
     tokens: int  # training tokens of all nodes in the whole run (its compute)
-    outliers: list[dict[str, Any]]  # `outlier` events (issue 15)
+    outliers: list[dict[str, Any]]  # `outlier` events
     node_tokens: dict[str, int]  # training tokens per trainer (its train records)
 
 
@@ -186,7 +186,7 @@ def variant_stats(
 ) -> tuple[dict[str, dict[str, Any]], int | None]:
     """Per method (and "+ ft" row) its stats, and the equal-compute budget (`equal_compute_budget`).
 
-    Every method's validation perplexity is read off its compute curve at that budget (issue 14 item 5); a
+    Every method's validation perplexity is read off its compute curve at that budget; a
     method whose run ended with less compute has none there.
     """
     stats: dict[str, dict[str, Any]] = {}
@@ -232,7 +232,7 @@ def targeted_rows(
 ) -> list[dict[str, Any]]:
     """Per variant that privatises or poisons nodes, per method: its test perplexity on those nodes and on the
     others (means over nodes of the per-node means over seeds), each against the same nodes and method in its
-    reference variant (`reference_variants`; issue 16 item 4: do the others stay stable?)."""
+    reference variant (`reference_variants`: do the others stay stable?)."""
     rows = []
     for name, reference in references.items():
         nodes = targeted[name]
@@ -295,7 +295,7 @@ def _shares(event: dict[str, Any]) -> list[float]:
 
 def share_data(runs: list[RunData]) -> tuple[np.ndarray, list[str], list[int]]:
     """Each child's share of its parent's attention per round (mean over key positions, sub-rounds and seeds):
-    rows "parent → child", columns rounds; uniform attention is 1/C (issue 15)."""
+    rows "parent → child", columns rounds; uniform attention is 1/C."""
     cells: dict[tuple[str, int], list[float]] = defaultdict(list)
     for a in (a for r in runs for a in r.attention if a["kind"] == "children" and len(a["members"]) > 2):
         for member, share in zip(a["members"][1:], _shares(a), strict=True):

@@ -3,7 +3,7 @@
 A *key layer* is one transformer block's parameters flattened into a 1-D float vector. These are
 pure functions over tensors: no I/O, no engine.
 
-Similarity (`Similarity`, issue 15). Two key layers a, b of members being compared score
+Similarity (`Similarity`). Two key layers a, b of members being compared score
     s(a, b) = cos(P(a − r_a), P(b − r_b)),   attention weights λ = softmax(s / τ),
 where P keeps the compared elements (all, or the weight matrices only: `Similarity.mask`) and r is
 the reference each kind subtracts:
@@ -30,8 +30,8 @@ Numerics, chosen so the engine gets the same answer on every device:
 - cosine with a zero-norm vector is 0, never NaN; ties break towards the lowest index.
 Similarities and attention weights are returned in the similarity dtype (float64 on CPU/CUDA).
 
-The single-vector functions (the public API of DESIGN.md §4) are thin wrappers over the batched
-ones, so there is one implementation of the math.
+The single-vector functions (the public API: 1-D key layers in, tensors or indices out) are thin
+wrappers over the batched ones, so there is one implementation of the math.
 """
 
 from __future__ import annotations
@@ -484,7 +484,7 @@ def attention_spread(weights: Tensor, takes_part: Tensor | None = None) -> dict[
 
 
 # --------------------------------------------------------------------------------------------------
-# single-vector public API (DESIGN.md §4): 1-D key layers, thin wrappers over the batched forms
+# single-vector public API: 1-D key layers, thin wrappers over the batched forms
 
 
 def _check_vec(name: str, t: Tensor, d: int | None = None) -> int:

@@ -1,4 +1,4 @@
-"""The tree of federations as data (DESIGN §2): nodes, parents, children, data sources, flags.
+"""The tree of federations as data: nodes, parents, children, data sources, flags.
 
 Any depth. Validation turns every structural problem (cycle, unknown parent, zero or several
 roots, duplicate names, a node without data) into one `ConfigError` line.
@@ -153,7 +153,7 @@ FL_SERVER = "_server"
 
 
 def flat_tree(tree: Tree) -> Tree:
-    """Standard FL (DESIGN §2 baselines): one data-less server, every data-holding node a client."""
+    """Standard FL (the baseline of paper §4.2): one data-less server, every data-holding node a client."""
     clients = tree.training_nodes
     nodes = {FL_SERVER: TreeNode(FL_SERVER, None, tuple(clients), (), False, 0, trains=False)}
     for name in clients:

@@ -104,7 +104,7 @@ class NodeTrainer(Protocol):
 
 
 class Privatizer(Protocol):
-    """DP of flagged nodes (DESIGN §2 "Differential privacy"; implemented by federation.privacy.Privacy)."""
+    """DP of flagged nodes (paper §4.2; implemented by privacy.node.Privacy)."""
 
     def applies(self, node: str) -> bool:
         """Whether `node` privatises what it sends to its parent."""

@@ -1,6 +1,6 @@
 """Differential privacy for flagged nodes: DPFedAvg clipping and noise, clip bounds, accounting.
 
-DESIGN §2 "Differential privacy", paper §4.2 / Table 3. A node flagged `dp = true` never sends its
+Paper §4.2 / Table 3 (docs/design.md, "Differential privacy"). A node flagged `dp = true` never sends its
 raw state to its parent. What it sends is rebuilt from a privatised *difference* to what it
 received from that parent in the same visit (DPFedAvg, McMahan et al. 2018; paper [49, 1]):
 

@@ -1,4 +1,4 @@
-"""Record-level differential privacy at a node: DP-SGD (`dp.unit = "record"`, issue 16).
+"""Record-level differential privacy at a node: DP-SGD (`dp.unit = "record"`).
 
 Every DP node trains with DP-SGD (Abadi et al. 2016), so everything it sends anywhere is record-level DP
 whatever the other nodes do (inter-silo record-level DP). A *record* is one training window: the node's

@@ -2,7 +2,7 @@
 
 It runs the planned federations (runners/planning.py) round by round with the in-process trainer
 (runners/trainer.py), evaluates each node's personalised model, checkpoints and resumes, and
-writes the run directory (DESIGN §4) with the records every runner shares (runners/records.py).
+writes the run directory (docs/design.md, "Run directory") with the records every runner shares (runners/records.py).
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ class LocalRun:
                     yield user_node, params
 
     def evaluate_all(self, split: str, rnd: int, fine_tuned: bool = False) -> dict[str, dict[str, float]]:
-        """Every node's delivered model on its own `split` windows (metric of DESIGN §2).
+        """Every node's delivered model on its own `split` windows (docs/design.md, "The metric").
 
         `fine_tuned`: instead each client's model after its last local steps (an inner node's before it
         aggregated), the "+ local fine-tuning" baseline of FL and HierFAVG, logged as split "<split>_ft".
@@ -427,7 +427,7 @@ class LocalRun:
         return {**summary, **self._privacy_summary()}
 
     def _privacy_summary(self) -> dict[str, Any]:
-        """DP runs only (DESIGN §4 run directory contract): epsilon per DP node at the configured delta."""
+        """DP runs only (the run directory contract): epsilon per DP node at the configured delta."""
         if self.trainer.private:
             latest = {
                 n: record_dp_record(self.round - 1, n, dp, self.cfg.dp.delta) for n, dp in self.trainer.private.items()

@@ -1,4 +1,4 @@
-"""TensorBoard event files beside metrics.jsonl (`log.tensorboard`, issue 17).
+"""TensorBoard event files beside metrics.jsonl (`log.tensorboard`).
 
 The events are a view of metrics.jsonl: every record written is also written as scalars, and when a run
 resumes the view is rebuilt from the records the checkpoint kept, so TensorBoard never shows a round

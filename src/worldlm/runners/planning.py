@@ -1,4 +1,4 @@
-"""Planning a run: a method as engine federations (DESIGN §2 baselines table), its rounds and its set-up.
+"""Planning a run: a method as engine runs (docs/design.md, "One round through the code"), its rounds and its set-up.
 
 Every runner (in-process, each Flower node) builds a run alike from a config and its data: the same
 tree, shards, initial model, federations, LR schedule and per-node samplers, so the same seed gives
@@ -47,7 +47,7 @@ class EngineRun:
 
 
 def tree_from_config(cfg: C.Config) -> Tree:
-    dp = C.dp_nodes(cfg)  # `dp = true` on a node or its name in dp.nodes (DESIGN §2 "Differential privacy")
+    dp = C.dp_nodes(cfg)  # `dp = true` on a node or its name in dp.nodes
     return build_tree([NodeSpec(n.name, n.parent, tuple(n.sources), n.name in dp) for n in cfg.tree.nodes])
 
 
@@ -243,7 +243,7 @@ class RunSetup:
     feds: list[EngineRun]
     rounds: int  # engine rounds (see engine_rounds)
     per_round: int  # sequential steps of one engine round
-    schedule: Schedule  # one LR clock over all sequential steps (DESIGN §2)
+    schedule: Schedule  # one LR clock over all sequential steps (paper A.3.3)
     client: ClientOptConfig
     compute: Compute  # device, autocast, micro-batches (train.device / precision / grad_accum)
     forward: nn.Module  # what trains and evaluates: the model, or torch.compile of it (train.compile)

@@ -1,4 +1,5 @@
-"""The records every runner writes alike: metrics.jsonl lines, the divergence rule and summary.json (DESIGN §4)."""
+"""The records every runner writes alike: metrics.jsonl lines, the divergence rule and summary.json
+(docs/design.md, "Run directory")."""
 
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def run_summary(
     diverged_round: int | None = None,
     fine_tuned: tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]] | None = None,
 ) -> dict[str, Any]:
-    """summary.json (DESIGN §4 run directory contract) for every runner.
+    """summary.json (docs/design.md, "Run directory") for every runner.
 
     `progress` = (engine rounds planned, sequential steps trained, training tokens of all nodes
     together: the run's compute); `model` = (parameters, key blocks). A node without a test result

@@ -229,7 +229,7 @@ def training_throughput(
 
     step_model = torch.compile(model) if setting == "fp32-compiled" else model
     private = None
-    if setting == "fp32-dp-sgd":  # the DP-SGD step of a DP node (issue 16): its cost against plain fp32
+    if setting == "fp32-dp-sgd":  # the DP-SGD step of a DP node: its cost against plain fp32
         from worldlm.privacy.record import RecordDP
 
         private = RecordDP(1.0, 1.0, batch, 1.0, seed=0).backward

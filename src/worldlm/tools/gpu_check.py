@@ -1,4 +1,4 @@
-"""The prepared GPU check (issue 18): `worldlm gpu-check` / scripts/gpu_check.sh.
+"""The prepared GPU check: `worldlm gpu-check` / scripts/gpu_check.sh.
 
 On a CUDA machine (at most ~8 minutes on one GPU) it measures
 1. the device's bf16 matmul peak (best of several 8192² matmuls),

@@ -1,4 +1,4 @@
-"""Use a run's models outside this package (issue 17): export to Hugging Face Transformers, generate text.
+"""Use a run's models outside this package: export to Hugging Face Transformers, generate text.
 
 A run keeps, per tree node, the model the method delivers to it in `checkpoints/final/<node>.safetensors`
 (this package's state dict). `export_hf` maps one onto GPT-2 (`GPT2LMHeadModel`: Conv1D weights are the

@@ -1,4 +1,4 @@
-"""How much accelerator memory one node needs to train a preset (issue 18), planned on the meta device.
+"""How much accelerator memory one node needs to train a preset, planned on the meta device.
 
 The model is built on PyTorch's meta device (shapes only, no memory), so its parameter count P is exact
 for any preset. Bytes per training node:

@@ -1,6 +1,6 @@
 """The one local training loop every method uses (ClientOpt = AdamW), and the shared LR schedule.
 
-All nodes and levels share one clock (DESIGN §2): the learning rate of a step is indexed by the
+All nodes and levels share one clock (paper A.3.3): the learning rate of a step is indexed by the
 global *sequential* step, so a leaf at stage 3 of round k uses the rate of sequential step
 k * steps_per_round + 2 * local_steps + i, whichever method or node it is.
 """

@@ -1,4 +1,4 @@
-"""The Flower runner (DESIGN §4, layer 2): one ClientApp per tree node, one ServerApp coordinating rounds.
+"""The Flower runner (a runner, docs/design.md): one ClientApp per tree node, one ServerApp coordinating rounds.
 
 - `node.py`: the organisation's side — the tree node(s) a SuperNode hosts, with its data, AdamW
   and server-optimizer state, key layers and residual queues; it trains and aggregates.
@@ -23,7 +23,8 @@ import time
 
 from worldlm.errors import WorldLMError
 
-# No telemetry, no update checks, no `uv sync` of app dependencies at run time (DESIGN §6).
+# No telemetry, no update checks, no `uv sync` of app dependencies at run time (offline machines: no network
+# beyond the package registries).
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",

@@ -1,4 +1,4 @@
-"""How a federation names the origins of residuals that cross its border (nested deployments, issue 19).
+"""How a federation names the origins of residuals that cross its border (nested deployments).
 
 Residuals travel with the name of the node whose key layer they were (A.3.7 needs it: `route_to_origin`
 keeps a residual out of the subtree it came from). Across federations a name would tell a coordinator

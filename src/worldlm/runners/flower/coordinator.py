@@ -1,4 +1,4 @@
-"""The coordinator: the ServerApp's side of the Flower runner (DESIGN §4, §6).
+"""The coordinator: the ServerApp's side of the Flower runner.
 
 It drives one global round of Algorithm 1 over the tree by messages, root first:
 

@@ -1,4 +1,4 @@
-"""The organisation's side of the Flower runner: what one SuperNode's ClientApp does (DESIGN §4, §6).
+"""The organisation's side of the Flower runner: what one SuperNode's ClientApp does.
 
 A SuperNode is one node of the user's tree (`--node-config 'node-name="fr"'`). It hosts the
 engine node(s) of that name — for standard FL the data-less server is hosted by the root
@@ -380,7 +380,7 @@ class NodeSide:
         wire.residuals_into(reply, "residuals", sent.residuals)
 
     def evaluate(self, content: RecordDict) -> RecordDict:
-        """evaluate: each tree node's personalised model on its own held-out split (DESIGN §2 metric)."""
+        """evaluate: each tree node's personalised model on its own held-out split (the metric)."""
         c = content.config_records["cfg"]
         h = self._hosted(c)
         split_name, final = str(c["split"]), bool(c["final"])

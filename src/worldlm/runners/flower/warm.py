@@ -1,4 +1,4 @@
-"""Warm ClientApps: one long-lived ClientApp process per SuperNode (issue 19, item 7).
+"""Warm ClientApps: one long-lived ClientApp process per SuperNode.
 
 Flower 1.41 runs every message in a fresh `flwr-clientapp` process (its SuperExec starts one per task,
 in both `subprocess` and `process` isolation), so each message re-imports torch and worldlm and

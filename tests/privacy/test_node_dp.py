@@ -1,4 +1,4 @@
-"""Differential privacy (issue 6, DESIGN §2, paper §4.2): DPFedAvg clipping and noise, bounds, accountant."""
+"""Node-level differential privacy (paper §4.2): DPFedAvg clipping and noise, bounds, accountant."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ import torch
 from dp_accounting.rdp import RdpAccountant
 from torch import Tensor
 
-from fixtures import make_prepared, tiny_config
-from test_engine import TREE, FakeTrainer, states_for
+from tiny import TREE, FakeTrainer, make_prepared, states_for, tiny_config
 from worldlm.cli import main
 from worldlm.config import dumps, load_config
 from worldlm.errors import ConfigError
@@ -287,11 +286,6 @@ def test_spent_budget_leaves_the_node_out_of_its_parents_aggregation() -> None:
 # ---------------------------------------------------------------------------- config and runs
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_prepared(tmp_path_factory.mktemp("dpdata") / "d")
-
-
 DP_LEAVES = 'dp.nodes=["fr", "it"]'
 
 
@@ -369,10 +363,12 @@ def check_privacy_outputs(out: Path) -> None:
     assert "dp = true" in (out / "config.toml").read_text()
 
 
+@pytest.mark.e2e
 def test_end_to_end_worldlm_with_dp_on_two_leaves_reports_epsilon(dp_run: tuple[Path, Path]) -> None:
     check_privacy_outputs(dp_run[1])
 
 
+@pytest.mark.e2e
 def test_end_to_end_fl_with_dp_on_two_clients_reports_epsilon(tmp_path: Path, data: Path) -> None:
     out = run(tmp_path, dp_leaves_config(tmp_path, data, "fl"), "fl")
     assert summary(out)["rounds"] == 3 * 2
@@ -381,10 +377,11 @@ def test_end_to_end_fl_with_dp_on_two_clients_reports_epsilon(tmp_path: Path, da
 
 def test_config_of_a_run_without_dp_has_no_dp_section(tmp_path: Path, data: Path) -> None:
     plain = load_config(tiny_config(tmp_path, data, "worldlm"))
-    assert "[dp]" not in dumps(plain) and "dp = false" in dumps(plain)  # unchanged from before issue 6
+    assert "[dp]" not in dumps(plain) and "dp = false" in dumps(plain)  # configs without DP write no [dp] table
     assert "[dp]" in dumps(load_config(tiny_config(tmp_path, data, "worldlm"), [DP_LEAVES]))
 
 
+@pytest.mark.e2e
 def test_budget_stops_a_node_in_a_run_and_says_so_once(
     tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -403,6 +400,7 @@ def test_budget_stops_a_node_in_a_run_and_says_so_once(
     assert max(priv["epsilon"].values()) <= budget
 
 
+@pytest.mark.e2e
 def test_dp_run_resumed_from_a_checkpoint_equals_the_uninterrupted_run(
     tmp_path: Path, dp_run: tuple[Path, Path]
 ) -> None:
@@ -468,7 +466,7 @@ def test_bounds_moved_along_edges_equal_end_round(clip: str) -> None:
     assert procs["P"].clip == one.clip and one.clip["P"] != 1.0
 
 
-# ---------------------------------------------------------------------------- central noise (issue 16 item 3)
+# ---------------------------------------------------------------------------- central noise
 
 
 def test_central_noise_is_one_draw_on_the_sum_of_clipped_updates() -> None:
@@ -494,6 +492,7 @@ def test_central_noise_is_one_draw_on_the_sum_of_clipped_updates() -> None:
     assert priv.epsilon("a") == pytest.approx(local.epsilon("a"))
 
 
+@pytest.mark.e2e
 def test_central_noise_needs_leaf_dp_nodes_and_runs(tmp_path: Path) -> None:
     data = make_prepared(tmp_path / "data")
     cfg = tiny_config(tmp_path, data)

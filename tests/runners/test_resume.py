@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from fixtures import make_prepared, summary_of, tiny_config
+from tiny import make_prepared, summary_of, tiny_config
 from worldlm.cli import main
 
 # tiny_config pins one thread: the killed subprocess and the in-process runs must sum and round alike.
 ROUNDS = ["--set", "train.rounds=5"]
+
+pytestmark = pytest.mark.e2e  # every test here runs the system end to end
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def records_of(run: Path) -> list[dict[str, object]]:
 def test_kill_9_mid_round_then_resume_matches_uninterrupted(setup: tuple[Path, Path, dict[str, object]]) -> None:
     tmp, cfg, reference = setup
     out = tmp / "killed"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src")}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "worldlm", "train", str(cfg), "--out", str(out), "--quiet", *ROUNDS], env=env
     )
@@ -94,7 +96,7 @@ def test_resume_with_a_different_config_is_refused(
 def test_sigterm_stops_at_a_round_boundary_with_a_checkpoint(setup: tuple[Path, Path, dict[str, object]]) -> None:
     tmp, cfg, reference = setup
     out = tmp / "term"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src")}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "worldlm", "train", str(cfg), "--out", str(out), "--quiet", *ROUNDS],
         env=env,

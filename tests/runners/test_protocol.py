@@ -1,4 +1,4 @@
-"""The paper's comparison protocol (issue 14): evaluation by deliverable, FL rounds as in A.1.2,
+"""The paper's comparison protocol: evaluation by deliverable, FL rounds as in A.1.2,
 the parallel schedule (§3.1), the round trace, data-scarce nodes and the compute axis."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures import TREE, FakeTrainer, make_prepared, tiny_config, train_tiny
+from tiny import TREE, FakeTrainer, tiny_config, train_tiny
 from worldlm import config as C
 from worldlm.data.mixture import Span, cap_spans, mixture_weights
 from worldlm.errors import ConfigError
@@ -19,11 +19,6 @@ from worldlm.federation.server_opt import ServerOptConfig, make_server_opt
 from worldlm.federation.tree import FL_SERVER
 from worldlm.federation.types import FedOptions, NodeState, Split
 from worldlm.runners.planning import engine_rounds, plan, stages_per_round, tree_from_config
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_prepared(tmp_path_factory.mktemp("data") / "d")
 
 
 def run_cli(tmp: Path, data: Path, method: str, *sets: str) -> tuple[dict[str, object], list[dict[str, object]]]:
@@ -87,6 +82,7 @@ def test_parallel_schedule_runs_depth_rounds_of_one_stage() -> None:
     assert engine_rounds(cfg, tree) == 12
 
 
+@pytest.mark.e2e
 def test_fl_e2e_summary_counts_a12_rounds_and_compute(tmp_path: Path, data: Path) -> None:
     fl, records = run_cli(tmp_path, data, "fl")
     wl, _ = run_cli(tmp_path, data, "worldlm")
@@ -103,6 +99,7 @@ def test_fl_e2e_summary_counts_a12_rounds_and_compute(tmp_path: Path, data: Path
 # ---------------------------------------------------------------------------- evaluation by deliverable
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["fl", "hierfavg"])
 def test_shared_model_methods_deliver_their_global_model_and_report_fine_tuned(
     tmp_path: Path, data: Path, method: str
@@ -128,6 +125,7 @@ def test_shared_model_methods_deliver_their_global_model_and_report_fine_tuned(
     assert deliverable["train_tokens"] == local["train_tokens"]
 
 
+@pytest.mark.e2e
 def test_the_global_model_is_one_model(tmp_path: Path, data: Path) -> None:
     summary, _ = run_cli(tmp_path, data, "fl")
     out = next(p for p in tmp_path.iterdir() if p.name.startswith("run-fl"))
@@ -139,6 +137,7 @@ def test_the_global_model_is_one_model(tmp_path: Path, data: Path) -> None:
     assert len(set(node_ppl(summary).values())) > 1  # one model, judged on each node's own windows
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["worldlm", "fedper", "local"])
 def test_personalised_methods_deliver_each_nodes_own_model(tmp_path: Path, data: Path, method: str) -> None:
     deliverable, _ = run_cli(tmp_path, data, method)
@@ -147,6 +146,7 @@ def test_personalised_methods_deliver_each_nodes_own_model(tmp_path: Path, data:
     assert node_ppl(deliverable) == node_ppl(local)
 
 
+@pytest.mark.e2e
 def test_centralized_delivers_its_one_model(tmp_path: Path, data: Path) -> None:
     summary, _ = run_cli(tmp_path, data, "centralized")
     assert summary["eval_model"] == "deployed" and "mean_ppl_ft" not in summary
@@ -188,6 +188,7 @@ def test_parallel_schedule_by_hand() -> None:
     )
 
 
+@pytest.mark.e2e
 def test_sequential_schedule_trace_follows_the_round(tmp_path: Path, data: Path) -> None:
     _, records = run_cli(tmp_path, data, "hierfavg", "eval.trace_round=1")
     trace = [r for r in records if r.get("event") == "trace"]
@@ -201,6 +202,7 @@ def test_sequential_schedule_trace_follows_the_round(tmp_path: Path, data: Path)
     assert all(r["val_loss_all"] > 0 and r["val_loss"] > 0 for r in trace)
 
 
+@pytest.mark.e2e
 def test_worldlm_trace_scores_each_node_after_it_takes_its_parents_model(tmp_path: Path, data: Path) -> None:
     _, records = run_cli(tmp_path, data, "worldlm", "eval.trace_round=1")
     points = [(r["what"], r["node"], r["step"]) for r in records if r.get("event") == "trace"]
@@ -217,6 +219,7 @@ def test_worldlm_trace_scores_each_node_after_it_takes_its_parents_model(tmp_pat
     assert len(points) == 1 + 6 + 7 + 3
 
 
+@pytest.mark.e2e
 def test_fl_trace_covers_the_same_sequential_steps(tmp_path: Path, data: Path) -> None:
     _, records = run_cli(tmp_path, data, "fl", "eval.trace_round=1")
     trace = [r for r in records if r.get("event") == "trace"]
@@ -227,6 +230,7 @@ def test_fl_trace_covers_the_same_sequential_steps(tmp_path: Path, data: Path) -
     assert all(r["val_loss"] is None for r in trace if r["node"] == FL_SERVER)
 
 
+@pytest.mark.e2e
 def test_parallel_schedule_end_to_end_at_equal_sequential_steps(tmp_path: Path, data: Path) -> None:
     summary, records = run_cli(tmp_path, data, "worldlm", 'federation.schedule="parallel"')
     assert summary["rounds"] == 6 and summary["sequential_steps"] == 18

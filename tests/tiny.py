@@ -11,7 +11,9 @@ import torch
 from torch import Tensor
 
 from worldlm.data.prepared import write_token_streams
-from worldlm.federation.tree import NodeSpec, build_tree
+from worldlm.federation.server_opt import ServerOptConfig, make_server_opt
+from worldlm.federation.tree import NodeSpec, Tree, build_tree
+from worldlm.federation.types import NodeState
 
 SOURCES = ("fr", "it", "uk", "ru")
 
@@ -163,3 +165,9 @@ class FakeTrainer:
             self.directions[node] = torch.randn(self.size, generator=self.gen, dtype=torch.float64)
         self.calls.append((node, start_step, n_steps))
         return params + self.scale * n_steps * self.directions[node]
+
+
+def states_for(tree: Tree, size: int, opt: ServerOptConfig) -> dict[str, NodeState]:
+    """Every node of `tree` at the same linspace state; inner nodes with a fresh server optimizer."""
+    init = torch.linspace(-1, 1, size, dtype=torch.float64)
+    return {n: NodeState(init.clone(), make_server_opt(opt) if tree[n].children else None) for n in tree.order}

@@ -73,6 +73,7 @@ def test_schedule_values() -> None:
     assert all(s.lr(i) >= s.lr(i + 1) for i in range(10, 120))
 
 
+@pytest.mark.e2e
 def test_loss_decreases_on_a_repetitive_corpus() -> None:
     model = tiny(vocab=32)
     pattern = torch.arange(32).repeat(4)

@@ -19,7 +19,7 @@ quiet_flower_env()  # before Flower is imported: no telemetry, no update checks
 
 pytest.importorskip("flwr")
 
-from fixtures import make_prepared, summary_of, tiny_config  # noqa: E402
+from tiny import summary_of, tiny_config  # noqa: E402
 from worldlm import config as C  # noqa: E402
 from worldlm.cli import main  # noqa: E402
 from worldlm.errors import WorldLMError  # noqa: E402
@@ -29,11 +29,6 @@ from worldlm.runners.flower.dispatch import Directory  # noqa: E402
 from worldlm.runners.flower.engines import InProcessGrid, make_client_app, run_inprocess  # noqa: E402
 from worldlm.runners.flower.node import NodeSide  # noqa: E402
 from worldlm.runners.local import run  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_prepared(tmp_path_factory.mktemp("data") / "d")
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -54,6 +49,7 @@ def local_worldlm(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.e2e
 def test_inprocess_messages_equal_local_runner_bitwise(data: Path, local_worldlm: Path, tmp_path: Path) -> None:
     # prepare: the same config through `worldlm train --runner flower-inproc`
     out = tmp_path / "flower"
@@ -68,6 +64,7 @@ def test_inprocess_messages_equal_local_runner_bitwise(data: Path, local_worldlm
         assert (out / "checkpoints" / "final" / model.name).read_bytes() == model.read_bytes()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("method", "sets"),
     [
@@ -76,9 +73,9 @@ def test_inprocess_messages_equal_local_runner_bitwise(data: Path, local_worldlm
         ("hierfavg", ["train.rounds=1"]),  # deliverable: the root's model on every node, and each node's + ft
         ("fedper", ["eval.model=deployed", "train.rounds=1"]),  # keys stay home; deployed models go top-down
         ("worldlm", ["federation.sub_rounds=2", "train.rounds=1", "federation.route_to_origin=true"]),
-        # issue 16: record-level DP-SGD at a DP node (its accountant, noise generator and sampler between messages)
+        # record-level DP-SGD at a DP node (its accountant, noise generator and sampler between messages)
         ("worldlm", ["dp.nodes=['fr']", 'dp.unit="record"', "train.rounds=2"]),
-        # issue 16: node-level DP (fixed bound), noise at the DP nodes, then at their parent with a budget stop
+        # node-level DP (fixed bound), noise at the DP nodes, then at their parent with a budget stop
         ("worldlm", ["dp.nodes=['fr', 'it']", 'dp.clip="fixed"', "train.rounds=2"]),
         (
             "worldlm",
@@ -95,7 +92,7 @@ def test_inprocess_messages_equal_local_runner_bitwise(data: Path, local_worldlm
         # adaptive bound (noisy clip bits) with sub-rounds, central noise, and a DP leaf of the FL server
         ("worldlm", ["dp.nodes=['fr', 'ru']", 'dp.clip="adaptive"', "federation.sub_rounds=2", "train.rounds=2"]),
         ("fl", ["dp.nodes=['fr', 'it']", 'dp.clip="adaptive"', 'dp.noise="central"', "train.rounds=1"]),
-        # issue 15: the nodes keep their reference keys and outlier counts between messages
+        # the nodes keep their reference keys and outlier counts between messages
         (
             "worldlm",
             [
@@ -115,6 +112,7 @@ def test_other_methods_and_options_equal_local_runner(data: Path, tmp_path: Path
     assert summary_of(tmp_path / "flower") == summary_of(tmp_path / "local")
 
 
+@pytest.mark.e2e
 def test_bytes_per_edge_are_the_message_payloads(data: Path, local_worldlm: Path, tmp_path: Path) -> None:
     grids: list[InProcessGrid] = []
     cfg = C.load_config(tiny_config(tmp_path, data, "worldlm"))
@@ -145,6 +143,7 @@ def test_bytes_per_edge_are_the_message_payloads(data: Path, local_worldlm: Path
     assert summary["bytes_per_edge"]["it->fr-it"] == 2 * params * BYTES_PER_VALUE  # a leaf sends no residuals
 
 
+@pytest.mark.e2e
 def test_silent_node_is_left_out_and_a_restarted_node_rejoins(data: Path, tmp_path: Path) -> None:
     # prepare: 3 rounds; at the first message of round 1 SuperNode 'fr' is replaced by a new one
     # (new node id, empty state): round 1's messages to the old one are lost, round 2 finds the new one
@@ -239,6 +238,7 @@ def test_unsupported_configs_fail_in_one_line(
         run_inprocess(cfg, tmp_path / "flower")
 
 
+@pytest.mark.e2e
 def test_simulation_engine_equals_local_runner(data: Path, local_worldlm: Path, tmp_path: Path) -> None:
     pytest.importorskip("ray")
     out = tmp_path / "sim"
@@ -247,6 +247,7 @@ def test_simulation_engine_equals_local_runner(data: Path, local_worldlm: Path, 
     assert summary_of(out) == summary_of(local_worldlm)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "options",

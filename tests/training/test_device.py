@@ -1,4 +1,4 @@
-"""Issue 18 on the CPU: device and precision settings, gradient accumulation, and their errors.
+"""On the CPU: device and precision settings, gradient accumulation, and their errors.
 
 A CUDA machine is not needed: `device = "cpu"` must be today's run bit for bit, bf16 autocast must run
 and stay near fp32, k micro-batches must give one batch's step, and what this machine cannot do is a
@@ -15,18 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures import make_prepared, summary_of, tiny_config, train_tiny
+from tiny import summary_of, tiny_config, train_tiny
 from worldlm import config as C
 from worldlm.cli import main
 from worldlm.errors import ConfigError
 from worldlm.model import GPT, GPTConfig
 from worldlm.training.device import Compute, resolve_compute
 from worldlm.training.loop import ClientOptConfig, Schedule, make_client_opt, train_steps
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_prepared(tmp_path_factory.mktemp("data") / "d")
 
 
 def _batches(n: int, batch: int, seq: int, vocab: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -82,6 +77,7 @@ def test_bf16_autocast_runs_on_the_cpu_near_fp32() -> None:
     assert bf16 == pytest.approx(fp32, rel=0.02) and bf16 != fp32
 
 
+@pytest.mark.e2e
 def test_device_cpu_is_todays_run_and_resumes_under_auto(data: Path, tmp_path: Path) -> None:
     default = train_tiny(tmp_path, data, "worldlm")
     cpu = train_tiny(tmp_path, data, "worldlm", 'train.device="cpu"', 'train.precision="fp32"')
@@ -115,6 +111,7 @@ def test_what_the_machine_cannot_do_is_one_line(data: Path, tmp_path: Path, caps
     assert auto.device.type == "cpu" and auto.autocast is None and auto.accum == 1
 
 
+@pytest.mark.e2e
 def test_gpu_check_dry_run_writes_its_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # the same code as on a GPU, on the CPU at a tiny size (scripts/gpu_check.sh runs this without CUDA)
     assert main(["gpu-check", "--dry-run", "--out", str(tmp_path), "--quiet"]) == 0
@@ -177,6 +174,7 @@ def test_deploy_local_gpus_round_robin_and_errors(
         assert "this machine has none" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_states_in_host_memory_give_the_same_run(data: Path, tmp_path: Path) -> None:
     default = train_tiny(tmp_path, data, "worldlm")
     host = train_tiny(tmp_path, data, "worldlm", 'federation.offload_states="host"')

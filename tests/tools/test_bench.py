@@ -22,6 +22,7 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any
     return out, run_bench(out, quick=True, note="test")
 
 
+@pytest.mark.e2e
 def test_results_files_hold_the_returned_results(quick: tuple[Path, dict[str, Any]]) -> None:
     out, result = quick
     assert json.loads((out / "results.json").read_text()) == result
@@ -30,6 +31,7 @@ def test_results_files_hold_the_returned_results(quick: tuple[Path, dict[str, An
         assert heading in md
 
 
+@pytest.mark.e2e
 def test_training_rows_are_positive_and_fastest_is_one_of_them(quick: tuple[Path, dict[str, Any]]) -> None:
     te = quick[1]["training_efficiency"]
     rows = [r for r in te["rows"] if "error" not in r]
@@ -39,6 +41,7 @@ def test_training_rows_are_positive_and_fastest_is_one_of_them(quick: tuple[Path
     assert {"fp32", "fp32-dp-sgd"} <= {r["setting"] for r in rows}  # a DP node's step beside the plain one
 
 
+@pytest.mark.e2e
 def test_round_split_sums_to_the_round(quick: tuple[Path, dict[str, Any]]) -> None:
     fed = quick[1]["federation"]
     phases = fed["phases"]
@@ -49,6 +52,7 @@ def test_round_split_sums_to_the_round(quick: tuple[Path, dict[str, Any]]) -> No
     assert 0 < fed["non_training_without_evaluation"] < fed["non_training_fraction"] < 1
 
 
+@pytest.mark.e2e
 def test_training_in_round_and_bytes_ratios(quick: tuple[Path, dict[str, Any]]) -> None:
     fed = quick[1]["federation"]
     assert fed["training"]["in_round_vs_raw"] > 0
@@ -57,12 +61,14 @@ def test_training_in_round_and_bytes_ratios(quick: tuple[Path, dict[str, Any]]) 
     assert by["sent"] >= by["minimum"] and by["ratio"] >= 1  # residuals ride on top of the models
 
 
+@pytest.mark.e2e
 def test_batched_aggregation_equals_the_naive_reference(quick: tuple[Path, dict[str, Any]]) -> None:
     rows = quick[1]["aggregation"]
     assert [r["children"] for r in rows] == [2, 16]
     assert all(r["same_picks"] and r["max_abs_diff"] <= 1e-5 and r["speedup"] > 0 for r in rows)
 
 
+@pytest.mark.e2e
 def test_memory_rows_cover_both_settings(quick: tuple[Path, dict[str, Any]]) -> None:
     rows = quick[1]["memory"]
     assert [(r["nodes"], r["offload"]) for r in rows] == [(3, False), (3, True)]

@@ -8,18 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures import TREE, FakeTrainer, make_prepared, tiny_config, train_tiny
+from tiny import TREE, FakeTrainer, states_for, tiny_config, train_tiny
 from worldlm.cli import main
 from worldlm.federation.round import deployed_models, run_round, sequential_span, trainings_per_round
 from worldlm.federation.server_opt import ServerOptConfig, make_server_opt
 from worldlm.federation.steps import initial_child_keys, route_pending
-from worldlm.federation.tree import Tree, flat_tree
+from worldlm.federation.tree import flat_tree
 from worldlm.federation.types import FedOptions, NodeState, Residual, Split, Update
-
-
-def states_for(tree: Tree, size: int, opt: ServerOptConfig) -> dict[str, NodeState]:
-    init = torch.linspace(-1, 1, size, dtype=torch.float64)
-    return {n: NodeState(init.clone(), make_server_opt(opt) if tree[n].children else None) for n in tree.order}
 
 
 def test_flat_tree_without_keys_is_fedavgm_by_hand() -> None:
@@ -148,11 +143,6 @@ def test_fedper_keys_never_leave_a_node() -> None:
         assert torch.allclose(split.keys(states[n].params), split.keys(own))
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_prepared(tmp_path_factory.mktemp("data") / "d")
-
-
 def run_cli(tmp: Path, data: Path, method: str, *sets: str, extra: str = "") -> dict[str, object]:
     out = train_tiny(tmp, data, method, *sets, extra=extra)
     summary = json.loads((out / "summary.json").read_text())
@@ -160,6 +150,7 @@ def run_cli(tmp: Path, data: Path, method: str, *sets: str, extra: str = "") -> 
     return summary
 
 
+@pytest.mark.e2e
 def test_worldlm_without_keys_attention_or_residuals_equals_hierfavg(tmp_path: Path, data: Path) -> None:
     # judged alike (each node's own final state): HierFAVG otherwise delivers its one global model
     same = 'eval.model="local"'
@@ -168,6 +159,7 @@ def test_worldlm_without_keys_attention_or_residuals_equals_hierfavg(tmp_path: P
     assert a["nodes"] == b["nodes"] and a["mean_ppl"] == b["mean_ppl"]
 
 
+@pytest.mark.e2e
 def test_same_seed_same_summary_and_run_directory(tmp_path: Path, data: Path) -> None:
     a = run_cli(tmp_path, data, "worldlm")
     b = run_cli(tmp_path, data, "worldlm")
@@ -176,6 +168,7 @@ def test_same_seed_same_summary_and_run_directory(tmp_path: Path, data: Path) ->
     assert c["mean_ppl"] != a["mean_ppl"]
 
 
+@pytest.mark.e2e
 def test_run_directory_contract(tmp_path: Path, data: Path) -> None:
     cfg = tiny_config(tmp_path, data, "worldlm")
     out = tmp_path / "run"
@@ -195,6 +188,7 @@ def test_run_directory_contract(tmp_path: Path, data: Path) -> None:
     assert main(["train", str(cfg), "--out", str(out), "--quiet"]) == 2  # refuses to overwrite
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["fl", "fedper", "centralized", "local"])
 def test_every_method_runs_at_equal_sequential_steps(tmp_path: Path, data: Path, method: str) -> None:
     summary = run_cli(tmp_path, data, method)
@@ -202,6 +196,7 @@ def test_every_method_runs_at_equal_sequential_steps(tmp_path: Path, data: Path,
     assert len(summary["nodes"]) == 7
 
 
+@pytest.mark.e2e
 def test_depth_four_tree_runs(tmp_path: Path, data: Path) -> None:
     extra_tree = """
 [[tree.nodes]]
@@ -224,6 +219,7 @@ sources = ["fr"]
     assert {1, 2, 3, 4} <= stages
 
 
+@pytest.mark.e2e
 def test_eval_model_local_uses_each_nodes_own_state(tmp_path: Path, data: Path) -> None:
     deployed = run_cli(tmp_path, data, "worldlm", "eval.model=deployed")
     local = run_cli(tmp_path, data, "worldlm")  # eval.model = "deliverable" is "local" for WorldLM
@@ -235,6 +231,7 @@ def test_eval_model_local_uses_each_nodes_own_state(tmp_path: Path, data: Path) 
     assert all(nodes_d[n]["ppl"] != nodes_l[n]["ppl"] for n in ("fr", "it", "uk", "ru"))
 
 
+@pytest.mark.e2e
 def test_bytes_per_edge_are_the_exchanged_parameters(tmp_path: Path, data: Path) -> None:
     hier = run_cli(tmp_path, data, "hierfavg")
     fedper = run_cli(tmp_path, data, "fedper")
@@ -268,7 +265,7 @@ def test_sub_rounds_repeat_subtrees_on_one_clock() -> None:
 
 
 def test_a_parent_routes_with_the_keys_it_received_not_the_childs_own_state() -> None:
-    # issue 16 item 1: a DP child's release (here: its keys shifted) is all its parent may use, for routing too
+    # a DP child's release (here: its keys shifted) is all its parent may use, for routing too
     size, n_pos, d = 4, 2, 5
     split = Split(size, n_pos, d)
     init = torch.linspace(-1, 1, size + n_pos * d, dtype=torch.float64)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fixtures import make_prepared
+from tiny import make_prepared
 from worldlm.data.mixture import Span, assign_shards, mixture_weights
 from worldlm.data.prepared import load_prepared
 from worldlm.data.samplers import BatchSampler, eval_windows

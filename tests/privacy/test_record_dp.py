@@ -1,4 +1,4 @@
-"""Issue 16 item 2: record-level DP-SGD at DP nodes (`dp.unit = "record"`).
+"""Record-level DP-SGD at DP nodes (`dp.unit = "record"`).
 
 Per-example gradients against a one-example-at-a-time loop (tied embeddings included), clipping and noise
 by hand, the noise calibration against Opacus' own accountant, ε growing every round, the budget stop, and
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures import make_prepared, summary_of, tiny_config, train_tiny
+from tiny import summary_of, tiny_config, train_tiny
 from worldlm.cli import main
 from worldlm.model import GPT, GPTConfig
 
@@ -23,11 +23,6 @@ opacus = pytest.importorskip("opacus")
 from worldlm.privacy.record import RecordDP, calibrate, per_example_grads  # noqa: E402
 
 RECORD = ['dp.nodes=["fr"]', 'dp.unit="record"', "dp.target_epsilon=8.0", "dp.max_grad_norm=1.0"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_prepared(tmp_path_factory.mktemp("data") / "d")
 
 
 def _tiny_gpt() -> GPT:
@@ -77,6 +72,7 @@ def test_noise_calibration_matches_opacus_accountant() -> None:
     assert calibrate(2.0, 1e-5, rate, steps) > sigma  # a tighter budget needs more noise
 
 
+@pytest.mark.e2e
 def test_record_level_run_epsilon_grows_and_resumes_exactly(data: Path, tmp_path: Path) -> None:
     run = train_tiny(tmp_path, data, "worldlm", "train.rounds=3", *RECORD)
     summary = summary_of(run)
@@ -103,6 +99,7 @@ def test_record_level_run_epsilon_grows_and_resumes_exactly(data: Path, tmp_path
     assert summary_of(resumed) == summary
 
 
+@pytest.mark.e2e
 def test_budget_stops_a_record_level_node(data: Path, tmp_path: Path) -> None:
     run = train_tiny(tmp_path, data, "worldlm", "train.rounds=3", *RECORD, "dp.epsilon_budget=4.0")
     privacy = summary_of(run)["privacy"]

@@ -1,4 +1,4 @@
-"""Issue 17: a run's models in Hugging Face Transformers (export), text generation, TensorBoard events, and
+"""A run's models in Hugging Face Transformers (export), text generation, TensorBoard events, and
 the `lines` and `hf` source formats.
 
 The run is made from real text (prepared with a trained BPE from `lines` files), so the exported fast
@@ -129,6 +129,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.e2e
 def test_exported_model_and_tokenizer_equal_ours(run: Path, tmp_path: Path) -> None:
     out = tmp_path / "hf-a"
     assert main(["export", str(run), "--node", "a", "--out", str(out), "--quiet"]) == 0
@@ -148,6 +149,7 @@ def test_exported_model_and_tokenizer_equal_ours(run: Path, tmp_path: Path) -> N
     assert mine == theirs
 
 
+@pytest.mark.e2e
 def test_export_all_generate_and_errors(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["export", str(run), "--all", "--out", str(tmp_path / "all"), "--quiet"]) == 0
     assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["a", "b", "root"]
@@ -167,6 +169,7 @@ def test_export_all_generate_and_errors(run: Path, tmp_path: Path, capsys: pytes
     assert capsys.readouterr().out == first and first.startswith("--- a: le") and "\n--- b: le" in first
 
 
+@pytest.mark.e2e
 def test_tensorboard_events_mirror_metrics_and_survive_resume(run: Path, tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

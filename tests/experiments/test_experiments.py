@@ -1,4 +1,4 @@
-"""The experiment harness (issue 5): grid runs, resume by skipping complete runs, report and plots."""
+"""The experiment harness: grid runs, resume by skipping complete runs, report and plots."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from fixtures import make_prepared, tiny_config
+from tiny import make_prepared, tiny_config
 from worldlm.cli import main
 from worldlm.config import Config, load_config
 from worldlm.config.load import parse_override
@@ -85,6 +85,7 @@ def rerun(m: Micro, *extra: str) -> int:
     return main(["experiment", str(m.experiment), "--out-root", str(m.out_root), "--quiet", *extra])
 
 
+@pytest.mark.e2e
 def test_report_has_every_variant_method_and_node(micro: Micro) -> None:
     report = micro.report
     assert report["runs_complete"] == report["runs_total"] == 4 and report["missing"] == []
@@ -118,6 +119,7 @@ def test_report_has_every_variant_method_and_node(micro: Micro) -> None:
     assert f"| worldlm | {cells[0]} | {cells[1]} |" in md.split("the one every setting is chosen on")[1]
 
 
+@pytest.mark.e2e
 def test_passes_over_each_trainers_data_follow_its_tokens_and_shard(micro: Micro) -> None:
     """WorldLM: every node trains 2 rounds x 2 steps x batch 4 x 32 tokens over its own shard; centralized
     trains 12 sequential steps over everyone's pooled data, so it has one trainer."""
@@ -132,6 +134,7 @@ def test_passes_over_each_trainers_data_follow_its_tokens_and_shard(micro: Micro
     assert "| trainer | worldlm | centralized |" in micro.report_md and "| centralized | – | " in micro.report_md
 
 
+@pytest.mark.e2e
 def test_plots_exist_and_are_linked(micro: Micro) -> None:
     links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", micro.report_md)
     for link in links:
@@ -144,6 +147,7 @@ def test_plots_exist_and_are_linked(micro: Micro) -> None:
     assert micro.report["overview_plot"] in links and set(default.values()) <= set(links)
 
 
+@pytest.mark.e2e
 def test_rerun_skips_complete_runs_and_redoes_a_stale_one(micro: Micro, runner_calls: list[str]) -> None:
     assert rerun(micro) == 0  # whatever other tests left incomplete is completed here
     runner_calls.clear()
@@ -161,6 +165,7 @@ def test_rerun_skips_complete_runs_and_redoes_a_stale_one(micro: Micro, runner_c
     assert len((stale / "metrics.jsonl").read_text().splitlines()) == lines  # redone from scratch, not appended
 
 
+@pytest.mark.e2e
 def test_changed_override_reruns_only_the_affected_runs(micro: Micro, runner_calls: list[str]) -> None:
     micro.experiment.write_text(MICRO.replace('set = ["federation.nu=0"]', 'set = ["federation.nu=0", "seq=1"]'))
     with pytest.raises(ConfigError, match=r"variant 'no-residuals'.*unknown config key 'seq'"):
@@ -185,6 +190,7 @@ def failing_for(method: str, real: Callable[..., dict[str, Any]]) -> Callable[..
     return run
 
 
+@pytest.mark.e2e
 def test_a_failed_run_is_reported_and_the_others_complete(
     micro: Micro, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -200,6 +206,7 @@ def test_a_failed_run_is_reported_and_the_others_complete(
     assert list(report["variants"]["default"]["methods"]) == ["worldlm"]
 
 
+@pytest.mark.e2e
 def test_an_interrupt_stops_the_experiment_and_keeps_a_report(
     micro: Micro, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -260,6 +267,7 @@ def test_cli_reports_a_bad_experiment_in_one_line_with_exit_code_2(
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.e2e
 def test_dp_grid_runs_seed_by_seed_and_reports_epsilon(
     micro: Micro, runner_calls: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -285,6 +293,7 @@ def test_dp_grid_runs_seed_by_seed_and_reports_epsilon(
         assert f"- {method}: fr ε = {privacy['epsilon']['fr']:.1f} (δ = {privacy['delta']:g}" in report_md.read_text()
 
 
+@pytest.mark.e2e
 def test_variants_seeds_and_methods_select_what_trains(micro: Micro, runner_calls: list[str]) -> None:
     assert rerun(micro) == 0  # complete whatever other tests left incomplete
     runner_calls.clear()
@@ -313,6 +322,7 @@ def test_a_diverged_run_reads_diverged_not_a_huge_number() -> None:
     assert _mean_std(562.0, None) == "562.00" and _mean_std(math.nan, None) == "diverged"  # no spread to show
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("damage", ["none", "corrupt-checkpoint", "no-checkpoint", "torn-metrics"])
 def test_an_interrupted_run_continues_from_its_checkpoint(
     micro: Micro, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], damage: str
@@ -371,6 +381,7 @@ def test_an_interrupted_run_continues_from_its_checkpoint(
     assert timing == [0, 1]
 
 
+@pytest.mark.e2e
 def test_a_diverging_variant_stops_early_and_reads_diverged(micro: Micro) -> None:
     experiment = micro.experiment.parent / "div.toml"
     text = MICRO.replace('name = "micro"', 'name = "div"').replace('["worldlm", "centralized"]', '["worldlm"]')
@@ -395,7 +406,7 @@ def test_a_variant_can_run_its_own_seeds(tmp_path: Path) -> None:
         load_experiment(write(tmp_path, text.replace("[0, 3]", "[]")))
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _setting(cfg: Config, keys: list[str]) -> Any:

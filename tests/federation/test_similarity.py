@@ -1,4 +1,4 @@
-"""Issue 15: the similarity of key layers (weights, centered, updates; τ; matrices only), the attention
+"""The similarity of key layers (weights, centered, updates; τ; matrices only), the attention
 spread, outlier detection and what happens to an outlier's keys.
 
 - batched forms against the naive references of `aggregation_reference` for every kind, τ and mask;
@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 
-from fixtures import TREE, FakeTrainer, make_prepared, summary_of, tiny_config, train_tiny
+from tiny import TREE, FakeTrainer, summary_of, tiny_config, train_tiny
 from worldlm import config as C
 from worldlm.errors import ConfigError
 from worldlm.federation import aggregation_reference as naive
@@ -278,11 +278,6 @@ SETS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_prepared(tmp_path_factory.mktemp("data"))
-
-
 def test_config_rejects_unknown_similarity_in_one_line(data: Path, tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, data)
     with pytest.raises(ConfigError, match=r"federation\.similarity 'cosine' is unknown"):
@@ -291,6 +286,7 @@ def test_config_rejects_unknown_similarity_in_one_line(data: Path, tmp_path: Pat
         C.load_config(cfg, ["federation.temperature=0"])
 
 
+@pytest.mark.e2e
 def test_updates_similarity_resumes_and_offloads_bitwise(data: Path, tmp_path: Path) -> None:
     full = train_tiny(tmp_path, data, "worldlm", "train.rounds=3", *SETS)
     records = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
@@ -360,6 +356,7 @@ def test_attack_config_errors_are_one_line(data: Path, tmp_path: Path) -> None:
         C.load_config(cfg, ['attack.kind="flip"'])
 
 
+@pytest.mark.e2e
 def test_report_shows_clean_nodes_shares_and_outliers(data: Path, tmp_path: Path) -> None:
     from worldlm.cli import main
 

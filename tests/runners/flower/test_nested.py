@@ -1,4 +1,4 @@
-"""Nested federations (issue 19): one SuperLink and coordinator per inner node, regions behind bridges.
+"""Nested federations: one SuperLink and coordinator per inner node, regions behind bridges.
 
 The in-process version (one InProcessGrid per federation, bridges calling the regions' coordinators
 directly) runs here in seconds: it must reproduce the in-process runner bitwise, and each federation's
@@ -23,7 +23,7 @@ pytest.importorskip("flwr")
 
 from flwr.app import Message  # noqa: E402
 
-from fixtures import LANG_TREE, make_prepared, summary_of, tiny_config  # noqa: E402
+from tiny import LANG_TREE, summary_of, tiny_config  # noqa: E402
 from worldlm import config as C  # noqa: E402
 from worldlm.errors import WorldLMError  # noqa: E402
 from worldlm.federation.steps import origin_node  # noqa: E402
@@ -71,11 +71,6 @@ sources = ["uk"]
 """
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_prepared(tmp_path_factory.mktemp("data") / "d")
-
-
 def _config(tmp: Path, data: Path, method: str, sets: list[str], deep: bool = False) -> C.Config:
     path = tiny_config(tmp, data, method)
     if deep:
@@ -90,6 +85,7 @@ def _canonical(run_dir: Path) -> list[str]:
     return sorted(json.dumps({k: v for k, v in json.loads(x).items() if k not in drop}, sort_keys=True) for x in lines)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("method", "sets", "deep"),
     [
@@ -138,6 +134,7 @@ def _names_in(msg: Message) -> set[str]:
     return {tok for s in _strings(msg) for tok in re.findall(r"[A-Za-z0-9_.-]+", s)}
 
 
+@pytest.mark.e2e
 def test_each_federation_sees_only_its_members(data: Path, tmp_path: Path) -> None:
     # prepare: residuals cross regions (routing by similarity), three levels of federations
     cfg = _config(tmp_path, data, "worldlm", ["federation.route_to_origin=false"], deep=True)
@@ -193,6 +190,7 @@ def test_merge_needs_the_root_part(data: Path, tmp_path: Path) -> None:
         merge_federations(cfg, tmp_path / "out", [tmp_path / "a", tmp_path / "b"])
 
 
+@pytest.mark.e2e
 def test_flower_app_nested_writes_a_run_config_per_federation_and_merge_joins_the_parts(
     data: Path, tmp_path: Path
 ) -> None:

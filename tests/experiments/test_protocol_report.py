@@ -1,4 +1,4 @@
-"""Experiment reports under the paper's protocol (issue 14): "+ ft" rows, compute axis, round trace, method_set."""
+"""Experiment reports under the paper's protocol: "+ ft" rows, compute axis, round trace, method_set."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from fixtures import make_prepared, tiny_config
+from tiny import make_prepared, tiny_config
 from worldlm.cli import main
 from worldlm.errors import ConfigError
 from worldlm.experiments.markdown import markdown
@@ -43,6 +43,7 @@ def proto(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any
     return out, json.loads((out / "report.json").read_text()), (out / "report.md").read_text()
 
 
+@pytest.mark.e2e
 def test_method_set_applies_to_that_method_only(proto: tuple[Path, dict[str, Any], str]) -> None:
     out, _, _ = proto
     lr = {
@@ -52,6 +53,7 @@ def test_method_set_applies_to_that_method_only(proto: tuple[Path, dict[str, Any
     assert lr == {"worldlm": 3e-3, "fl": 2e-3}
 
 
+@pytest.mark.e2e
 def test_fine_tuned_rows_come_from_the_same_runs(proto: tuple[Path, dict[str, Any], str]) -> None:
     out, report, md = proto
     stats = report["variants"]["default"]["methods"]
@@ -63,6 +65,7 @@ def test_fine_tuned_rows_come_from_the_same_runs(proto: tuple[Path, dict[str, An
     assert "| fl + ft | **" in md
 
 
+@pytest.mark.e2e
 def test_compute_axis_reads_every_method_at_worldlms_compute(proto: tuple[Path, dict[str, Any], str]) -> None:
     out, report, md = proto
     assert (out / "plots" / "default" / "val_ppl_compute.png").is_file()
@@ -85,6 +88,7 @@ def test_compute_axis_reads_every_method_at_worldlms_compute(proto: tuple[Path, 
     assert "val ppl at equal compute" in md
 
 
+@pytest.mark.e2e
 def test_trace_is_tabulated_and_plotted(proto: tuple[Path, dict[str, Any], str]) -> None:
     out, report, md = proto
     trace = report["variants"]["default"]["trace"]

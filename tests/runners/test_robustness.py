@@ -14,7 +14,7 @@ import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fixtures import make_prepared, tiny_config
+from tiny import make_prepared, tiny_config
 from worldlm import files as wio
 from worldlm.cli import main
 from worldlm.config import load_config
@@ -142,6 +142,7 @@ def test_full_disk_keeps_the_previous_file_and_reports_one_line(
     assert "No space left on device" in err and err.count("\n") == 1
 
 
+@pytest.mark.e2e
 def test_a_diverged_run_stops_early_with_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """lr 1e30 makes every weight NaN in round 0: both runners stop after it, say so, write the same summary."""
     cfg = tiny_config(tmp_path, make_prepared(tmp_path / "data"), "worldlm")
