@@ -39,6 +39,12 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
         ("[model]\nkey_blocks = 6\n" + NODES, [], "model.key_blocks must be -1 (auto) or in [0, 5]"),
         (NODES, ["train.rounds"], "--set expects KEY=VALUE"),
         (NODES, ["federation.server_opt.kind=adam"], "federation.server_opt.kind 'adam' is unknown"),
+        # ServerOptConfig checks itself (the federation owns it); the loader names the table in front
+        (NODES, ["federation.server_opt.lr=0.0"], "federation.server_opt.lr must be > 0, got 0.0"),
+        (NODES, ["federation.server_opt.momentum=1.0"], "federation.server_opt.momentum must be in [0, 1)"),
+        (NODES + "[tree.nodes.server_opt]\ntau = -1.0\n", [], "tree.nodes[0].server_opt.tau must be > 0"),
+        (NODES, ["dp.sigma=0.0"], "dp.sigma must be > 0 (the noise multiplier), got 0.0"),  # DPSettings' own check
+        (NODES, ['dp.clip="median2"'], "dp.clip 'median2' is unknown (did you mean 'median'?)"),
         ("x = [1,\n", [], "is not valid TOML"),
         ("", [], "tree.nodes is empty"),
     ],
