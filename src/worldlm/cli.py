@@ -81,6 +81,14 @@ def _warn(message: str) -> None:
     print(f"worldlm: {message}", file=sys.stderr)
 
 
+def _warn_public_noise(cfg: Config) -> None:
+    from worldlm.runners.planning import public_noise_warning
+
+    warning = public_noise_warning(cfg)
+    if warning is not None:
+        _warn(warning)
+
+
 def _show_run(args: argparse.Namespace, out: Path, engine: str, fn: Callable[[Any], dict[str, Any]]) -> int:
     """Run `fn(progress)` under the progress display, then print its summary (every runner)."""
     from worldlm.experiments.console import console, print_summary, progress_display
@@ -113,6 +121,7 @@ def _deploy_local(args: argparse.Namespace) -> int:
 
     cfg = C.load_config(args.config, args.set)
     require_flower()
+    _warn_public_noise(cfg)
     from worldlm.runners.flower.deploy import DeployOptions, deploy_local
 
     out = _out_dir(args.out, cfg.name, args.force)
@@ -143,6 +152,7 @@ def _flower_app(args: argparse.Namespace) -> int:
     from worldlm.runners.flower.deploy import write_app, write_run_config
 
     cfg = C.load_config(args.config, args.set)
+    _warn_public_noise(cfg)
     dest = Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)
     app = write_app(dest)

@@ -17,6 +17,8 @@ from torch import Tensor
 from tiny import TREE, FakeTrainer, make_prepared, states_for, tiny_config
 from worldlm.cli import main
 from worldlm.config import dumps, load_config
+from worldlm.data.prepared import load_prepared
+from worldlm.data.samplers import PoissonWindows
 from worldlm.errors import ConfigError
 from worldlm.federation.round import run_round
 from worldlm.federation.server_opt import ServerOptConfig
@@ -30,6 +32,7 @@ from worldlm.privacy.node import (
     message_difference,
     privatize_vector,
 )
+from worldlm.runners.planning import make_privacy, make_record_dp, node_sampler, record_dp_nodes, set_up
 
 SPLIT = Split(3, 2, 4)  # backbone 3 values, 2 key layers of 4
 SIZE = 3 + 2 * 4
@@ -513,3 +516,65 @@ def test_central_noise_needs_leaf_dp_nodes_and_runs(tmp_path: Path) -> None:
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["privacy"]["epsilon"]) == {"fr", "it"} and summary["privacy"]["epsilon"]["fr"] > 0
+
+
+# ---------------------------------------------------------------------------- noise only its owner knows
+
+
+def _generators(cfg_path: Path, data: Path, *sets: str) -> dict[str, Tensor]:
+    """The initial state of every noise generator and DP record sampler a runner builds for this config."""
+    cfg = load_config(cfg_path, list(sets))
+    setup = set_up(cfg, load_prepared(data))
+    fed = setup.feds[0]
+    out: dict[str, Tensor] = {}
+    privacy = make_privacy(cfg, fed)
+    if privacy is not None:
+        out |= {f"noise/{n}": g.get_state() for n, g in privacy.generators.items()}
+        out |= {f"central/{p}": g.get_state() for p, g in privacy.central_generators.items()}
+    for name in record_dp_nodes(cfg):
+        sampler = node_sampler(cfg, load_prepared(data), fed, name)
+        assert isinstance(sampler, PoissonWindows)
+        out[f"sampler/{name}"] = torch.tensor(sampler.rng.integers(0, 2**62, 4))
+        out[f"dp-sgd/{name}"] = make_record_dp(cfg, fed, name, sampler, setup.rounds).gen.get_state()
+    return out
+
+
+@pytest.mark.parametrize("sets", [['dp.noise="central"'], ['dp.unit="record"']])
+def test_privacy_generators_are_secret_unless_reproducible(tmp_path: Path, data: Path, sets: list[str]) -> None:
+    cfg = dp_leaves_config(tmp_path, data, "worldlm")
+    # what whoever holds the run config could rebuild: the generators seeded from the public seed
+    public = _generators(cfg, data, *sets, "dp.reproducible_noise=true")
+    again = _generators(cfg, data, *sets, "dp.reproducible_noise=true")  # the explicit experiment setting
+    assert all(torch.equal(public[k], again[k]) for k in public)
+    first, second = _generators(cfg, data, *sets), _generators(cfg, data, *sets)
+    assert set(first) == set(public) and len(first) >= 3
+    for key in first:  # by default no generator can be regenerated, nor does it repeat between runs
+        assert not torch.equal(first[key], public[key]), key
+        assert not torch.equal(first[key], second[key]), key
+
+
+@pytest.mark.e2e
+def test_two_runs_release_different_noise_and_summary_says_which(
+    tmp_path: Path, data: Path, dp_run: tuple[Path, Path]
+) -> None:
+    cfg, first = dp_run
+    second = run(tmp_path, cfg, "again")
+    released = [r for r in records(first) if r.get("event") == "privacy"]
+    assert released == [r for r in records(second) if r.get("event") == "privacy"]  # the same accounting ...
+    assert summary(first)["nodes"] != summary(second)["nodes"]  # ... but other noise: other models
+    assert summary(first)["privacy"]["reproducible_noise"] is False  # type: ignore[index]
+    a = run(tmp_path, cfg, "public-a", "dp.reproducible_noise=true")
+    b = run(tmp_path, cfg, "public-b", "dp.reproducible_noise=true")
+    assert summary(a) == summary(b) and summary(a)["privacy"]["reproducible_noise"] is True  # type: ignore[index]
+
+
+def test_deployments_warn_about_reproducible_noise(
+    tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = dp_leaves_config(tmp_path, data, "worldlm")
+    args = ["flower-app", str(cfg), "--out", str(tmp_path / "app"), "--run-out", str(tmp_path / "run")]
+    assert main(args) == 0
+    assert "reproducible_noise" not in capsys.readouterr().err
+    assert main([*args, "--set", "dp.reproducible_noise=true"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("dp.reproducible_noise = true") == 1 and "regenerate" in err

@@ -37,6 +37,8 @@ ADDED_KEYS: dict[tuple[str, str], Any] = {
     ("dp", "noise"): "local",
     ("dp", "max_grad_norm"): 1.0,
     ("dp", "target_epsilon"): 8.0,
+    # DP runs before secret noise drew it from the run's seed
+    ("dp", "reproducible_noise"): True,
 }
 
 

@@ -165,6 +165,12 @@ class DPConfig:
     noise: str = "local"
     max_grad_norm: float = 1.0
     target_epsilon: float = 8.0
+    # false (the default): every DP noise generator and every DP node's record sampler is seeded from the
+    # operating system's secure randomness at that node and kept in its private state and checkpoints, so
+    # nobody else can regenerate the noise from the run config. true: seeded from the run's public seed, for
+    # experiments and tests that compare runs bit for bit; such noise protects nothing against whoever holds
+    # the config (summary.json says so, deploy-local and flower-app warn).
+    reproducible_noise: bool = False
 
 
 @dataclass

@@ -7,6 +7,7 @@ the same numbers everywhere.
 
 from __future__ import annotations
 
+import secrets
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,15 +61,15 @@ def make_privacy(cfg: C.Config, fed: EngineRun) -> Privacy | None:
     if not parents:
         return None
     settings = C.dp_settings(cfg)
-    seeds = {n: node_seed(cfg.seed, f"dp-noise/{n}") for n in parents}
-    return Privacy(settings, parents, seeds, {p: node_seed(cfg.seed, f"dp-central/{p}") for p in set(parents.values())})
+    seeds = {n: dp_seed(cfg, f"dp-noise/{n}") for n in parents}
+    return Privacy(settings, parents, seeds, {p: dp_seed(cfg, f"dp-central/{p}") for p in set(parents.values())})
 
 
 def make_record_dp(cfg: C.Config, fed: EngineRun, name: str, sampler: PoissonWindows, rounds: int) -> RecordDP:
     """A record-level DP node's DP-SGD state, its noise calibrated over its planned steps of the whole run."""
     steps = fed.opts.local_steps[name] * trainings_per_round(fed.tree, name, fed.opts) * rounds
     sigma = calibrate(cfg.dp.target_epsilon, cfg.dp.delta, sampler.sample_rate, steps)
-    seed = node_seed(cfg.seed, f"dp-sgd/{name}")
+    seed = dp_seed(cfg, f"dp-sgd/{name}")
     n = len(sampler.windows)
     return RecordDP(sigma, sampler.sample_rate, n, cfg.dp.max_grad_norm, seed, cfg.dp.delta, cfg.dp.epsilon_budget)
 
@@ -201,6 +202,25 @@ def node_seed(seed: int, name: str) -> int:
     return int(np.random.SeedSequence([seed, zlib.crc32(name.encode())]).generate_state(1)[0])
 
 
+def dp_seed(cfg: C.Config, name: str) -> int:
+    """The seed of a generator that protects privacy (DP noise, a DP node's record sampler): from the operating
+    system's secure randomness, drawn where the generator lives and kept only in that node's state and
+    checkpoints; from the run's public seed only with dp.reproducible_noise (experiments, tests)."""
+    if cfg.dp.reproducible_noise:
+        return node_seed(cfg.seed, name)
+    return secrets.randbits(63)
+
+
+def public_noise_warning(cfg: C.Config) -> str | None:
+    """What a deployment should tell its operator when its DP noise can be regenerated from the run config."""
+    if not (cfg.dp.reproducible_noise and C.dp_nodes(cfg)):
+        return None
+    return (
+        "dp.reproducible_noise = true: the DP nodes' noise is seeded from the run's public seed, so whoever "
+        "holds the run config can regenerate it and subtract it from what they release; for experiments only"
+    )
+
+
 def record_dp_nodes(cfg: C.Config) -> set[str]:
     """The nodes that train with DP-SGD (dp.unit = "record"); none for centralized (pooled by definition)."""
     return C.dp_nodes(cfg) if cfg.dp.unit == "record" and cfg.method != "centralized" else set()
@@ -209,9 +229,10 @@ def record_dp_nodes(cfg: C.Config) -> set[str]:
 def node_sampler(cfg: C.Config, data: Prepared, fed: EngineRun, name: str) -> BatchSampler | PoissonWindows:
     """A training node's batches: its shards, seeded by the run seed and its name (the same in every runner);
     random tokens for a node under attack.kind = "random_tokens"; Poisson samples of its windows for a
-    record-level DP node."""
+    record-level DP node, seeded secretly (`dp_seed`: which records a step used is part of its privacy)."""
     if name in record_dp_nodes(cfg):
-        return PoissonWindows(data, fed.spans[name], cfg.model.seq_len, cfg.train.batch_size, node_seed(cfg.seed, name))
+        seed = dp_seed(cfg, name)  # the name alone: the label reproducible runs have always used
+        return PoissonWindows(data, fed.spans[name], cfg.model.seq_len, cfg.train.batch_size, seed)
     noise = data.vocab_size if C.attacked(cfg, name, "random_tokens") else 0
     seed = node_seed(cfg.seed, name)
     return BatchSampler(data, fed.spans[name], cfg.model.seq_len, cfg.train.batch_size, seed, noise)

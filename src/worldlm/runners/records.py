@@ -181,6 +181,7 @@ def record_privacy_summary(cfg: C.Config, latest: dict[str, dict[str, Any]]) -> 
     return {
         "privacy": {
             "unit": "record",
+            "reproducible_noise": cfg.dp.reproducible_noise,
             "delta": cfg.dp.delta,
             "epsilon": {n: r["epsilon"] for n, r in latest.items()},
             "target_epsilon": cfg.dp.target_epsilon,
@@ -199,6 +200,7 @@ def node_privacy_summary(cfg: C.Config, latest: dict[str, dict[str, Any]]) -> di
     return {
         "privacy": {
             "unit": "node",
+            "reproducible_noise": cfg.dp.reproducible_noise,
             "delta": cfg.dp.delta,
             "epsilon": {n: r["epsilon"] for n, r in latest.items()},
             "sigma": cfg.dp.sigma,

@@ -73,14 +73,16 @@ def test_inprocess_messages_equal_local_runner_bitwise(data: Path, local_worldlm
         ("hierfavg", ["train.rounds=1"]),  # deliverable: the root's model on every node, and each node's + ft
         ("fedper", ["eval.model=deployed", "train.rounds=1"]),  # keys stay home; deployed models go top-down
         ("worldlm", ["federation.sub_rounds=2", "train.rounds=1", "federation.route_to_origin=true"]),
+        # DP: runners agree bit for bit under dp.reproducible_noise (by default every node's noise is its secret)
         # record-level DP-SGD at a DP node (its accountant, noise generator and sampler between messages)
-        ("worldlm", ["dp.nodes=['fr']", 'dp.unit="record"', "train.rounds=2"]),
+        ("worldlm", ["dp.nodes=['fr']", "dp.reproducible_noise=true", 'dp.unit="record"', "train.rounds=2"]),
         # node-level DP (fixed bound), noise at the DP nodes, then at their parent with a budget stop
-        ("worldlm", ["dp.nodes=['fr', 'it']", 'dp.clip="fixed"', "train.rounds=2"]),
+        ("worldlm", ["dp.nodes=['fr', 'it']", "dp.reproducible_noise=true", 'dp.clip="fixed"', "train.rounds=2"]),
         (
             "worldlm",
             [
                 "dp.nodes=['fr', 'it']",
+                "dp.reproducible_noise=true",
                 'dp.clip="fixed"',
                 'dp.noise="central"',
                 "dp.epsilon_budget=12",
@@ -88,10 +90,28 @@ def test_inprocess_messages_equal_local_runner_bitwise(data: Path, local_worldlm
             ],
         ),
         # the paper's median bound: the DP nodes' norms go up with their releases, the parent's bound comes down
-        ("worldlm", ["dp.nodes=['fr', 'it']", "train.rounds=3"]),
+        ("worldlm", ["dp.nodes=['fr', 'it']", "dp.reproducible_noise=true", "train.rounds=3"]),
         # adaptive bound (noisy clip bits) with sub-rounds, central noise, and a DP leaf of the FL server
-        ("worldlm", ["dp.nodes=['fr', 'ru']", 'dp.clip="adaptive"', "federation.sub_rounds=2", "train.rounds=2"]),
-        ("fl", ["dp.nodes=['fr', 'it']", 'dp.clip="adaptive"', 'dp.noise="central"', "train.rounds=1"]),
+        (
+            "worldlm",
+            [
+                "dp.nodes=['fr', 'ru']",
+                "dp.reproducible_noise=true",
+                'dp.clip="adaptive"',
+                "federation.sub_rounds=2",
+                "train.rounds=2",
+            ],
+        ),
+        (
+            "fl",
+            [
+                "dp.nodes=['fr', 'it']",
+                "dp.reproducible_noise=true",
+                'dp.clip="adaptive"',
+                'dp.noise="central"',
+                "train.rounds=1",
+            ],
+        ),
         # the nodes keep their reference keys and outlier counts between messages
         (
             "worldlm",

@@ -95,10 +95,15 @@ def _canonical(run_dir: Path) -> list[str]:
         ("worldlm", ["federation.route_to_origin=false"], True),  # a region inside a region
         ("hierfavg", ["train.rounds=1"], True),  # the root's model everywhere, + ft from the regions
         ("fedper", ["eval.model=deployed", "train.rounds=1"], True),  # deployed models go down through bridges
-        ("worldlm", ["dp.nodes=['fr']", 'dp.unit="record"', "train.rounds=2"], False),  # privacy records
-        ("worldlm", ["dp.nodes=['fr', 'it']", 'dp.clip="fixed"', 'dp.noise="central"'], False),  # node-level DP
+        # DP (reproducible noise: runners compared bit for bit): privacy records, then node-level DP
+        ("worldlm", ["dp.nodes=['fr']", "dp.reproducible_noise=true", 'dp.unit="record"', "train.rounds=2"], False),
+        (
+            "worldlm",
+            ["dp.nodes=['fr', 'it']", "dp.reproducible_noise=true", 'dp.clip="fixed"', 'dp.noise="central"'],
+            False,
+        ),
         # median bounds, one of them a DP region's, across a bridge
-        ("worldlm", ["dp.nodes=['fr', 'south']", "train.rounds=3"], True),
+        ("worldlm", ["dp.nodes=['fr', 'south']", "dp.reproducible_noise=true", "train.rounds=3"], True),
     ],
 )
 def test_nested_equals_the_in_process_runner_bitwise(

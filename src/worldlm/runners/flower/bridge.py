@@ -35,7 +35,7 @@ class Served(Protocol):
 
 
 INPROC = "inproc:"  # a bridge address naming a region served in this process (run_nested_inprocess)
-_LOCAL: dict[str, Callable[[str, RecordDict], RecordDict]] = {}  # address -> the region's `request`
+_LOCAL: dict[str, Callable[[str, RecordDict], RecordDict]] = {}  # region (address without INPROC) -> its `request`
 BRIDGED = {"query.hello": "hello", "train.subtree": "visit", "evaluate.subtree": "evaluate", "query.finish": "finish"}
 
 

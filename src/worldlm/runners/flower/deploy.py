@@ -33,6 +33,7 @@ from worldlm.errors import WorldLMError, quoted
 from worldlm.files import atomic_write_text
 from worldlm.runners.flower import FLOWER_ENV, require_flower
 from worldlm.runners.flower.coordinator import RUN_FACTS, ProgressFn
+from worldlm.runners.flower.dispatch import stderr_log
 from worldlm.runners.flower.follow import MetricsFollower
 from worldlm.runners.flower.nested import FINISHED, federation_dirs, merge_federations
 from worldlm.runners.flower.node import check_nested, check_supported
@@ -192,10 +193,6 @@ class DeployOptions:
     isolation: str = "warm"
 
 
-def _stderr(message: str) -> None:
-    print(f"worldlm: {message}", file=sys.stderr, flush=True)
-
-
 class LoopbackDeployment:
     """The processes of one deployment on 127.0.0.1: SuperLinks, SuperNodes (and their warm workers), runs."""
 
@@ -346,7 +343,7 @@ def deploy_local(
     out: Path,
     progress: ProgressFn | None = None,
     opts: DeployOptions = DeployOptions(),
-    log: Callable[[str], None] = _stderr,
+    log: Callable[[str], None] = stderr_log,
 ) -> dict[str, Any]:
     """Run `cfg` through Flower SuperLinks and SuperNodes on 127.0.0.1 (see DeployOptions); returns summary.json."""
     if opts.isolation not in ("warm", "subprocess"):

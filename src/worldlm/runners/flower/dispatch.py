@@ -23,7 +23,7 @@ LogFn = Callable[[str], None]
 
 
 def stderr_log(msg: str) -> None:
-    """The default log of coordinators and the directory: one line on stderr."""
+    """The default log of the Flower runner (coordinators, the directory, deploy-local): one line on stderr."""
     print(f"worldlm: {msg}", file=sys.stderr, flush=True)
 
 
