@@ -1,4 +1,5 @@
-"""Tiny prepared datasets for tests: synthetic, learnable, heterogeneous token streams (no prepare run)."""
+"""The tiny world the tests run in: synthetic, learnable, heterogeneous token streams (no prepare run), the
+7-node languages tree and its config, a 3-level engine tree with a fake trainer, and node states for it."""
 
 from __future__ import annotations
 
