@@ -19,7 +19,19 @@ from worldlm.data.prepared import Prepared
 from worldlm.errors import DataError, WorldLMError, quoted
 
 
-class BatchSampler:
+class _Seeded:
+    """A sampler whose whole position is its numpy RNG: `state` / `set_state` checkpoint and resume it."""
+
+    rng: np.random.Generator
+
+    def state(self) -> dict[str, Any]:
+        return dict(self.rng.bit_generator.state)
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state
+
+
+class BatchSampler(_Seeded):
     """Random windows from a node's spans; its whole position is the numpy RNG state (resumable)."""
 
     def __init__(
@@ -54,14 +66,8 @@ class BatchSampler:
         batch = torch.from_numpy(np.stack(rows))
         return batch[:, :-1], batch[:, 1:]
 
-    def state(self) -> dict[str, Any]:
-        return dict(self.rng.bit_generator.state)
 
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.rng.bit_generator.state = state
-
-
-class PoissonWindows:
+class PoissonWindows(_Seeded):
     """A DP node's records: the non-overlapping windows of its shards, each taken with probability q per step."""
 
     def __init__(self, data: Prepared, spans: list[Span], seq_len: int, batch_size: int, seed: int) -> None:
@@ -83,12 +89,6 @@ class PoissonWindows:
         ]
         batch = torch.from_numpy(np.stack(rows)) if rows else torch.zeros((0, self.width), dtype=torch.int64)
         return batch[:, :-1], batch[:, 1:]
-
-    def state(self) -> dict[str, Any]:
-        return dict(self.rng.bit_generator.state)
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.rng.bit_generator.state = state
 
 
 def eval_windows(data: Prepared, spans: list[Span], split: str, seq_len: int, n_windows: int) -> Tensor:
