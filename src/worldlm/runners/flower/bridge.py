@@ -130,11 +130,16 @@ def serve_socket(region: Served, path: Path) -> None:
                 path.unlink()
 
 
+def inprocess_address(name: str) -> str:
+    """The bridge address of region `name` served in this process (`serve_inprocess`)."""
+    return INPROC + name
+
+
 @contextlib.contextmanager
-def serve_inprocess(name: str, request: Callable[[str, RecordDict], RecordDict]) -> Iterator[str]:
-    """Serve a region's `request` in this process while the block runs; yields the bridge address for it."""
+def serve_inprocess(name: str, request: Callable[[str, RecordDict], RecordDict]) -> Iterator[None]:
+    """Serve region `name`'s `request` at `inprocess_address(name)` while the block runs."""
     _LOCAL[name] = request
     try:
-        yield INPROC + name
+        yield
     finally:
         _LOCAL.pop(name, None)

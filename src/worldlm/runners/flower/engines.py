@@ -31,7 +31,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from worldlm import config as C
 from worldlm.runners.flower import require_flower
 from worldlm.runners.flower.app import make_client_app, make_server_app
-from worldlm.runners.flower.bridge import INPROC, serve_inprocess
+from worldlm.runners.flower.bridge import inprocess_address, serve_inprocess
 from worldlm.runners.flower.coordinator import Coordinator, ProgressFn
 from worldlm.runners.flower.nested import RegionCoordinator, federation_dirs, merge_federations
 from worldlm.runners.flower.node import check_nested, check_supported
@@ -209,10 +209,9 @@ def run_nested_inprocess(
         with contextlib.ExitStack() as served:
             coordinators: dict[str, Coordinator] = {}
             for q, part in dirs.items():
-                bridged = [c for c in tree[q].children if c in dirs]  # inner children: regions of their own
-                configs = [{"node-name": q}] + [
-                    {"node-name": c, **({"bridge": INPROC + c} if c in bridged else {})} for c in tree[q].children
-                ]
+                configs: list[dict[str, str]] = [{"node-name": q}]
+                for c in tree[q].children:  # an inner child is a region of its own, behind a bridge
+                    configs.append({"node-name": c, **({"bridge": inprocess_address(c)} if c in dirs else {})})
                 grid = InProcessGrid(app, configs)
                 if grid_hook is not None:
                     grid_hook(q, grid)
