@@ -524,7 +524,8 @@ def test_central_noise_needs_leaf_dp_nodes_and_runs(tmp_path: Path) -> None:
 def _generators(cfg_path: Path, data: Path, *sets: str) -> dict[str, Tensor]:
     """The initial state of every noise generator and DP record sampler a runner builds for this config."""
     cfg = load_config(cfg_path, list(sets))
-    setup = set_up(cfg, load_prepared(data))
+    prepared = load_prepared(data)
+    setup = set_up(cfg, prepared)
     fed = setup.feds[0]
     out: dict[str, Tensor] = {}
     privacy = make_privacy(cfg, fed)
@@ -532,7 +533,7 @@ def _generators(cfg_path: Path, data: Path, *sets: str) -> dict[str, Tensor]:
         out |= {f"noise/{n}": g.get_state() for n, g in privacy.generators.items()}
         out |= {f"central/{p}": g.get_state() for p, g in privacy.central_generators.items()}
     for name in record_dp_nodes(cfg):
-        sampler = node_sampler(cfg, load_prepared(data), fed, name)
+        sampler = node_sampler(cfg, prepared, fed, name)
         assert isinstance(sampler, PoissonWindows)
         out[f"sampler/{name}"] = torch.tensor(sampler.rng.integers(0, 2**62, 4))
         out[f"dp-sgd/{name}"] = make_record_dp(cfg, fed, name, sampler, setup.rounds).gen.get_state()
